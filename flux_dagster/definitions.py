@@ -1,0 +1,11 @@
+from dagster import Definitions
+
+from flux_dagster.jobs.process_single_node import process_single_node
+from flux_dagster.resources import build_resources
+from flux_dagster.sensors.pending_executions import pending_executions_sensor
+
+defs = Definitions(
+    jobs=[process_single_node],
+    sensors=[pending_executions_sensor],
+    resources=build_resources(),
+)

@@ -1,0 +1,204 @@
+"""What one execution is, and the per-node bookkeeping every job shares.
+
+Plain functions over a SQLAlchemy session: ``process_single_node`` and ``process_agent`` both go
+through these, so a node's rows look the same whichever job ran it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from flux_dagster.db.models import ExecutionLog, FlowNode, NodeExecution, utcnow
+from flux_dagster.errors import FluxError, UserConfigError
+
+
+@dataclass(frozen=True)
+class ExecutionRequest:
+    """The original workflow parameters of one execution (a ``pending_executions`` row)."""
+
+    exec_id: str
+    flow_id: str
+    user_id: str
+    node_id: str | None = None
+    session_id: str | None = None
+    flow_version_history_id: str | None = None
+    run_id: str | None = None
+    pending_execution_id: int | None = None
+    kind: str = "node"
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    """A node loaded for execution: the request plus the node's row."""
+
+    request: ExecutionRequest
+    node_id: str
+    node_type: str
+    data: dict[str, Any]
+
+    @property
+    def label(self) -> str | None:
+        return self.data.get("label") or self.data.get("title")
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """What a node branch hands to the success log and the COMPLETED notification."""
+
+    task: NodeTask
+    output: Any
+    message: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_node(session: Session, request: ExecutionRequest, node_id: str) -> NodeTask:
+    """``getInfoInDatabase``: the node's type and data, with clear errors for what can't run."""
+    node = session.scalar(
+        select(FlowNode).where(FlowNode.flowId == request.flow_id, FlowNode.nodeId == node_id)
+    )
+    if node is None:
+        raise UserConfigError(f"Node {node_id} was not found in flow {request.flow_id}.")
+    data = node.data
+    if isinstance(data, str):  # some rows carry JSON text instead of a JSON object
+        import json
+
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise UserConfigError(f"Node {node_id} has malformed data: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserConfigError(f"Node {node_id} has malformed data: expected a JSON object.")
+    return NodeTask(request=request, node_id=node_id, node_type=node.type, data=data)
+
+
+def merge_node_data(session: Session, task: NodeTask, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into ``flows_nodes.data`` (the legacy reload path reads it)."""
+    node = session.scalar(
+        select(FlowNode)
+        .where(FlowNode.flowId == task.request.flow_id, FlowNode.nodeId == task.node_id)
+        .with_for_update()
+    )
+    if node is None:
+        raise UserConfigError(f"Node {task.node_id} was deleted while it ran.")
+    current = node.data if isinstance(node.data, dict) else {}
+    node.data = {**current, **updates}
+    return node.data
+
+
+def _node_execution(session: Session, task: NodeTask) -> NodeExecution:
+    """The own row of this (execId, nodeId): created if the main API did not create it."""
+    row = session.scalar(
+        select(NodeExecution).where(
+            NodeExecution.execId == task.request.exec_id, NodeExecution.nodeId == task.node_id
+        )
+    )
+    if row is None:
+        row = NodeExecution(
+            execId=task.request.exec_id,
+            flowId=task.request.flow_id,
+            nodeId=task.node_id,
+            type=task.node_type,
+            userId=task.request.user_id,
+            sessionId=task.request.session_id,
+            flowVersionHistoryId=task.request.flow_version_history_id,
+        )
+        session.add(row)
+    return row
+
+
+def start_node_execution(session: Session, task: NodeTask, dagster_run_id: str) -> None:
+    row = _node_execution(session, task)
+    row.type = task.node_type
+    row.input = row.input or task.data
+    row.status = "RUNNING"
+    row.isError = False
+    row.metadata_ = {
+        **(row.metadata_ or {}),
+        "startedAt": utcnow().isoformat(),
+        "runType": "agent" if task.request.kind == "agent" else "single-node",
+        "dagsterRunId": dagster_run_id,
+        "runId": task.request.run_id or "",
+    }
+
+
+def persist_node_success(
+    session: Session,
+    task: NodeTask,
+    *,
+    data_updates: dict[str, Any],
+    output: str | None,
+    output_type: str,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """``persistNodeSuccess``: replace the execution's output, merge the same into the node."""
+    updates = {**data_updates, "executionStatus": "COMPLETED", "errorMessage": None, "errorStatusCode": None}
+    merge_node_data(session, task, updates)
+    row = _node_execution(session, task)
+    row.outputData = data_updates
+    row.output = output
+    row.outputType = output_type
+    row.metadata_ = {**(row.metadata_ or {}), **(metadata or {}), "finishedAt": utcnow().isoformat()}
+    row.isError = False
+    row.status = "COMPLETED"
+
+
+def record_node_error(session: Session, task: NodeTask, error: FluxError, stack: str) -> None:
+    """``nodeExecutionError``: the node and its execution row say FAILED, with the user message."""
+    merge_node_data(
+        session,
+        task,
+        {"executionStatus": "FAILED", "errorMessage": error.user_message,
+         "errorStatusCode": getattr(error, "status_code", None)},
+    )
+    row = _node_execution(session, task)
+    row.isError = True
+    row.outputType = "error"
+    row.output = error.user_message
+    row.status = "FAILED"
+    row.metadata_ = {**(row.metadata_ or {}), "stack": stack, "code": error.code,
+                     "userMessage": error.user_message, "finishedAt": utcnow().isoformat()}
+
+
+def record_node_cancelled(session: Session, task: NodeTask, reason: str) -> None:
+    merge_node_data(session, task, {"executionStatus": "CANCELLED"})
+    row = _node_execution(session, task)
+    row.status = "CANCELLED"
+    row.cancelledAt = utcnow()
+    row.output = reason
+    row.metadata_ = {**(row.metadata_ or {}), "userMessage": reason}
+
+
+def write_execution_log(
+    session: Session,
+    request: ExecutionRequest,
+    node_id: str,
+    *,
+    message: str,
+    metadata: dict[str, Any] | None,
+    error_stack: str | None = None,
+    is_error: bool = False,
+) -> None:
+    """``generateExecutionLogs``: one row in ``execution_logs``."""
+    session.add(
+        ExecutionLog(
+            nodeId=node_id,
+            flowId=request.flow_id,
+            userId=request.user_id,
+            sessionId=request.session_id,
+            message=message,
+            errorStack=error_stack,
+            metadata_=metadata,
+            isError=is_error,
+        )
+    )
+
+
+def format_stack(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)) or "No stack"

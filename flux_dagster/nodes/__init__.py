@@ -1,0 +1,1 @@
+"""Node types: plain functions that run one node, testable without Dagster."""

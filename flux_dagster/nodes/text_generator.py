@@ -1,0 +1,263 @@
+"""AI Text Generator (``commandTextNode``), reference §4.1."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from flux_dagster.db.models import SystemAiModel, utcnow
+from flux_dagster.errors import UserConfigError
+from flux_dagster.execution import NodeTask, persist_node_success
+from flux_dagster.llm.providers import Generation, GenerationOptions, GenerationRequest, LlmClient
+
+NODE_TYPE = "commandTextNode"
+
+MODEL_FIELD_BY_AI_SYSTEM = {
+    "openai": "aiModel",
+    "groq": "groqModel",
+    "gemini": "geminiModel",
+    "anthropicai": "anthropicModel",
+    "perplexityai": "perplexityType",
+    "xai": "aiModel",
+}
+
+ANTHROPIC_MODEL_IDS = {
+    "claude-4-5-sonnet": "claude-sonnet-4-5-20250929",
+    "claude-4-5-sonnet-latest": "claude-sonnet-4-5-20250929",
+    "claude-4-5-opus": "claude-opus-4-5-20251101",
+    "claude-4-5-haiku": "claude-haiku-4-5-20251001",
+    "claude-4-sonnet": "claude-sonnet-4-20250514",
+    "claude-4-opus": "claude-opus-4-20250514",
+    "claude-3-sonnet": "claude-3-sonnet-20240229",
+    "claude-3-opus": "claude-3-opus-20240229",
+    "claude-3-haiku": "claude-3-haiku-20240307",
+}
+
+# (section title, *Data array field, plain field), in prompt order.
+PROMPT_SECTIONS = (
+    ("Persona", "personaData", "persona"),
+    ("Instructions", "instructionData", "instruction"),
+    ("Context", "contentData", "content"),
+    ("Task", "promptData", "prompt"),
+)
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
+FALLBACK_USER_MESSAGE = "Complete the task described in the system prompt."
+PREVIEW_RESPONSES_KEPT = 3
+
+
+def resolve_model(data: dict[str, Any]) -> tuple[str, str]:
+    """(AiSystem, model name) from the node's data, by the provider's model field."""
+    ai_system = data.get("AiSystem")
+    if not isinstance(ai_system, str) or ai_system.lower() not in MODEL_FIELD_BY_AI_SYSTEM:
+        raise UserConfigError(f"Unknown or missing AI provider (AiSystem={ai_system!r}).", field="AiSystem")
+    model_field = MODEL_FIELD_BY_AI_SYSTEM[ai_system.lower()]
+    model = data.get(model_field)
+    if not isinstance(model, str) or not model.strip():
+        raise UserConfigError(f"No model selected: {model_field} is empty.", field=model_field)
+    return ai_system, model.strip()
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            text = item.get("text") if isinstance(item, dict) else item
+            if text not in (None, ""):
+                out.append(text if isinstance(text, str) else json.dumps(text))
+        return out
+    if value in (None, ""):
+        return []
+    return [value if isinstance(value, str) else json.dumps(value)]
+
+
+def section_text(data: dict[str, Any], data_field: str, plain_field: str) -> str:
+    """A section: the edge-fed ``*Data`` items first, then the static field."""
+    return "\n".join(t for t in (*_texts(data.get(data_field)), *_texts(data.get(plain_field))) if t.strip())
+
+
+def build_system_prompt(data: dict[str, Any]) -> str:
+    sections = [
+        f"# {title}\n{text}"
+        for title, data_field, plain_field in PROMPT_SECTIONS
+        if (text := section_text(data, data_field, plain_field))
+    ]
+    return "\n\n".join(sections) if sections else DEFAULT_SYSTEM_PROMPT
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _first_words(entries: list[dict], limit: int) -> list[dict]:
+    out: list[dict] = []
+    for entry in entries:
+        words = str(entry.get("content", "")).split()
+        if limit <= 0:
+            break
+        out.append({**entry, "content": " ".join(words[:limit])})
+        limit -= len(words)
+    return out
+
+
+def filter_memories(memories: list[dict], data: dict[str, Any]) -> list[dict]:
+    """``processMemoryFilter``: which of the session's entries the model sees."""
+    selected = data.get("selectedType") or "Load All Entries"
+    if selected == "Load First X Entries":
+        return memories[: max(_int(data.get("selectedIndex"), len(memories)), 0)]
+    if selected == "Load Last X Entries":
+        n = max(_int(data.get("selectedIndex"), len(memories)), 0)
+        return memories[-n:] if n else []
+    if selected == "Load First X Words":
+        return _first_words(memories, _int(data.get("selectedNumber"), 0))
+    if selected == "Load Last X Words":
+        reversed_entries = [{**e, "content": " ".join(reversed(str(e.get("content", "")).split()))} for e in reversed(memories)]
+        kept = _first_words(reversed_entries, _int(data.get("selectedNumber"), 0))
+        return [{**e, "content": " ".join(reversed(e["content"].split()))} for e in reversed(kept)]
+    return list(memories)
+
+
+def session_memories(data: dict[str, Any], session_id: str | None) -> list[dict]:
+    """The session's entries in ``userSessionsChat`` (``[{sessionId, memories: [...]}]``)."""
+    for session in data.get("userSessionsChat") or []:
+        if isinstance(session, dict) and session.get("sessionId") == session_id:
+            return [m for m in session.get("memories") or [] if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+    return []
+
+
+def build_messages(data: dict[str, Any], session_id: str | None) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    if data.get("memory"):
+        if not session_id:
+            raise UserConfigError("Memory is on but the execution has no session.", field="memory")
+        messages = [
+            {"role": m["role"], "content": str(m.get("content", ""))}
+            for m in filter_memories(session_memories(data, session_id), data)
+        ]
+    if not messages or messages[-1]["role"] != "user":
+        messages.append({"role": "user", "content": FALLBACK_USER_MESSAGE})
+    return messages
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _opt_int(value: Any) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None and number > 0 else None
+
+
+def build_provider_options(company: str, data: dict[str, Any], model: SystemAiModel) -> GenerationOptions:
+    """``buildProviderOptions``, then the reasoning and ``autoToken`` rules."""
+    company = company.lower()
+    d = data
+    if company == "anthropic":
+        opts = dict(max_tokens=_opt_int(d.get("anthropicToken")), temperature=_float(d.get("anthropicTemperature")),
+                    top_p=_float(d.get("anthropicTopP")), top_k=_opt_int(d.get("anthropicTopK")))
+    elif company == "gemini":
+        opts = dict(max_tokens=_opt_int(d.get("geminiMaxOutputTokens")), temperature=_float(d.get("temperature")),
+                    top_p=_float(d.get("topP")), top_k=_opt_int(d.get("topK")))
+    elif company == "openai":
+        opts = dict(max_tokens=_opt_int(d.get("aiTokens")), temperature=_float(d.get("aiTemperature")),
+                    top_p=_float(d.get("aiPp")), top_k=_opt_int(d.get("aiFp")), reasoning_effort=d.get("aiEffort") or None)
+    elif company == "perplexity":
+        opts = dict(max_tokens=_opt_int(d.get("max_tokens")) or _opt_int(d.get("perplexityTokens")),
+                    temperature=_float(d.get("temperature")), top_p=_float(d.get("topP")), top_k=_opt_int(d.get("topK")),
+                    search_context_size=d.get("search_context_size") or None)
+    elif company == "xai":
+        opts = dict(max_tokens=_opt_int(d.get("aiTokens")), temperature=_float(d.get("aiTemperature")))
+    elif company == "groq":
+        stop = d.get("groqStop")
+        opts = dict(max_tokens=_opt_int(d.get("groqMaxTokens")),
+                    temperature=_float(d.get("temperature")), top_p=_float(d.get("topP")),
+                    seed=_opt_int(d.get("seed")),
+                    stop=tuple(stop) if isinstance(stop, list) and stop else ((stop,) if isinstance(stop, str) and stop else None))
+    else:
+        raise UserConfigError(f"The provider {company!r} is not supported by this worker.")
+    reasoning = bool(model.supportsReasoning and (d.get("reasoning") or model.reasoningAlwaysOn))
+    if reasoning:
+        opts.update(temperature=None, top_p=None, top_k=None)
+        opts["max_tokens"] = opts.get("max_tokens") or model.maxOutputToken
+    if d.get("autoToken") and model.maxOutputToken:
+        opts["max_tokens"] = model.maxOutputToken
+    return GenerationOptions(reasoning=reasoning, **opts)
+
+
+def api_model_id(company: str, model_name: str) -> str:
+    return ANTHROPIC_MODEL_IDS.get(model_name, model_name) if company == "anthropic" else model_name
+
+
+@dataclass(frozen=True)
+class TextGeneration:
+    """What the branch passes on: what to charge, and what to show."""
+
+    output: str
+    input_tokens: int
+    output_tokens: int
+    model: str
+    ai_system: str
+    generation_id: str
+
+
+def find_model(session: Session, model_name: str) -> SystemAiModel:
+    model = session.scalar(select(SystemAiModel).where(SystemAiModel.modelName == model_name))
+    if model is None:
+        raise UserConfigError(f"The model {model_name} does not exist.")
+    if not model.active:
+        raise UserConfigError(f"The model {model_name} is not active.")
+    session.expunge(model)
+    return model
+
+
+def build_request(task: NodeTask, model: SystemAiModel) -> GenerationRequest:
+    company = model.aiCompany.lower()
+    return GenerationRequest(
+        company=company,
+        model=api_model_id(company, model.modelName),
+        system=build_system_prompt(task.data),
+        messages=tuple(build_messages(task.data, task.request.session_id)),
+        options=build_provider_options(company, task.data, model),
+    )
+
+
+def persist_generation(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel) -> str:
+    """Write ``text``, ``logs``, tokens, previews and session memory; return the output."""
+    data = task.data
+    output = generation.text or generation.reasoning
+    logs = json.dumps({"reasoning": generation.reasoning, "sources": [], "toolCalls": [], "toolResults": [],
+                       "finishReason": generation.finish_reason})
+    now = utcnow().isoformat()
+    previews = [*(data.get("previewResponses") or []), output][-PREVIEW_RESPONSES_KEPT:]
+    updates: dict[str, Any] = {
+        "text": output,
+        "logs": logs,
+        "nodeUsedTokens": _int(data.get("nodeUsedTokens"), 0) + generation.input_tokens + generation.output_tokens,
+        "previewResponses": previews,
+    }
+    prompt = section_text(data, "promptData", "prompt")
+    if data.get("memory") and prompt:
+        sessions = [s for s in (data.get("userSessionsChat") or []) if isinstance(s, dict)]
+        current = next((s for s in sessions if s.get("sessionId") == task.request.session_id), None)
+        if current is None:
+            current = {"sessionId": task.request.session_id, "memories": []}
+            sessions.append(current)
+        current["memories"] = [*(current.get("memories") or []),
+                               {"role": "user", "content": prompt, "createdAt": now},
+                               {"role": "assistant", "content": output, "createdAt": now}]
+        updates["userSessionsChat"] = sessions
+    persist_node_success(
+        session, task, data_updates=updates, output=output, output_type="text",
+        metadata={"tokens": {"input": generation.input_tokens, "output": generation.output_tokens},
+                  "model": model.modelName, "aiCompany": model.aiCompany, "logs": logs, "provider": generation.provider},
+    )
+    return output

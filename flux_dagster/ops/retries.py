@@ -1,0 +1,64 @@
+"""Retry rules, in one visible place (docs/retries.md mirrors this table).
+
+Only retryable errors (timeouts, 429, 5xx, connection failures) reach a RetryPolicy; everything
+else ends the step at once with ``Failure(allow_retries=False)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dagster import Backoff, Failure, Jitter, RetryPolicy
+
+from flux_dagster.errors import FluxError, classify
+
+# Tests shrink the delays; production keeps the table's seconds.
+_DELAY_SCALE = float(os.environ.get("FLUX_RETRY_DELAY_SCALE", "1"))
+
+
+def _policy(max_retries: int, delay_s: float) -> RetryPolicy:
+    return RetryPolicy(
+        max_retries=max_retries, delay=delay_s * _DELAY_SCALE, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+    )
+
+
+#  op                         retries  first delay (s), doubling with ±jitter
+RETRY_POLICIES: dict[str, RetryPolicy] = {
+    "notify_status": _policy(2, 0.5),
+    "get_info_in_database": _policy(2, 0.5),
+    "validate_model_access": _policy(3, 1.0),
+    "text_generator": _policy(3, 2.0),
+    "charge_tokens": _policy(5, 1.0),
+    "generate_execution_logs": _policy(2, 0.5),
+}
+
+
+@contextmanager
+def node_errors() -> Iterator[None]:
+    """Classify whatever the body raises: retryable errors go to the RetryPolicy, others stop."""
+    try:
+        yield
+    except Failure:
+        raise
+    except Exception as exc:
+        error = classify(exc)
+        if error.retryable:
+            if error is exc:
+                raise
+            raise error from exc
+        raise Failure(
+            description=error.user_message,
+            metadata={"code": error.code, "dev_message": error.dev_message},
+            allow_retries=False,
+        ) from error
+
+
+def error_of(exc: BaseException | None) -> FluxError:
+    """The FluxError behind what a failed step raised."""
+    if isinstance(exc, Failure) and exc.__cause__ is not None:
+        return classify(exc.__cause__)
+    if isinstance(exc, Failure):
+        return classify(RuntimeError(exc.description or "Step failed"))
+    return classify(exc or RuntimeError("Unknown error in the run"))

@@ -1,0 +1,103 @@
+"""Dagster resources: each built once, each picking production or the embedded default from the
+environment. Secrets reach them through ``EnvVar`` only, never run config or tags."""
+
+
+import os
+from contextlib import AbstractContextManager
+from typing import Any
+
+from dagster import ConfigurableResource, EnvVar
+from sqlalchemy.orm import Session
+
+from flux_dagster import settings
+from flux_dagster.db.engine import session_scope
+from flux_dagster.llm.providers import PROVIDERS, LlmClient, ProviderCredentials
+from flux_dagster.services.main_api import MainApi
+from flux_dagster.services.notifications import Notifier
+
+
+class AppDatabase(ConfigurableResource):
+    """The app DB (``FLUX_DATABASE_URL``; SQLite file by default)."""
+
+    url: str
+
+    def session(self) -> AbstractContextManager[Session]:
+        return session_scope(self.url)
+
+
+class MainApiResource(ConfigurableResource):
+    """``/worker/*`` over HTTP when ``URL_MAIN_API`` is set, else the same checks locally."""
+
+    database: AppDatabase
+    url: str | None = None
+    api_key: str | None = None
+
+    def client(self) -> MainApi:
+        return MainApi(database_url=self.database.url, url=self.url, api_key=self.api_key)
+
+
+class NotifierResource(ConfigurableResource):
+    """Redis pub/sub when ``REDIS_URL`` is set, else the ``status_notifications`` table."""
+
+    database: AppDatabase
+    redis_url: str | None = None
+    channel: str = "room_status_updated"
+
+    def client(self) -> Notifier:
+        return Notifier(database_url=self.database.url, redis_url=self.redis_url, channel=self.channel)
+
+
+class LlmResource(ConfigurableResource):
+    """LLM providers; offline (deterministic, labelled) when no provider key is configured."""
+
+    offline: bool = True
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str | None = None
+    groq_api_key: str | None = None
+    groq_base_url: str | None = None
+    xai_api_key: str | None = None
+    xai_base_url: str | None = None
+    perplexity_api_key: str | None = None
+    perplexity_base_url: str | None = None
+    gemini_api_key: str | None = None
+    gemini_base_url: str | None = None
+    timeout_s: float = 120.0
+
+    def client(self) -> LlmClient:
+        credentials = {}
+        for company, spec in PROVIDERS.items():
+            key = getattr(self, f"{company}_api_key")
+            if key:
+                base_url = getattr(self, f"{company}_base_url") or spec.default_base_url
+                credentials[company] = ProviderCredentials(api_key=key, base_url=base_url)
+        return LlmClient(credentials=credentials, offline=self.offline, timeout_s=self.timeout_s)
+
+
+def _env(name: str) -> Any:
+    """``EnvVar`` for a variable that is set (secrets stay out of config), else None."""
+    return EnvVar(name) if settings.env(name) else None
+
+
+def build_resources() -> dict[str, ConfigurableResource]:
+    database = AppDatabase(url=_env("FLUX_DATABASE_URL") or settings.database_url())
+    llm_fields: dict[str, Any] = {}
+    for company, spec in PROVIDERS.items():
+        llm_fields[f"{company}_api_key"] = _env(spec.key_env)
+        llm_fields[f"{company}_base_url"] = settings.env(spec.base_url_env)
+    has_key = any(llm_fields[f"{c}_api_key"] for c in PROVIDERS)
+    mode = (settings.env("FLUX_LLM_MODE") or "auto").lower()
+    offline = mode == "offline" or (mode == "auto" and not has_key)
+    return {
+        "app_db": database,
+        "main_api": MainApiResource(
+            database=database, url=settings.env("URL_MAIN_API"), api_key=_env("INTERNAL_API_KEY")
+        ),
+        "notifier": NotifierResource(
+            database=database,
+            redis_url=_env("REDIS_URL"),
+            channel=os.environ.get("FLUX_STATUS_CHANNEL", "room_status_updated"),
+        ),
+        "llm": LlmResource(offline=offline, **{k: v for k, v in llm_fields.items() if v is not None}),
+    }

@@ -145,15 +145,17 @@ def _anthropic_generate(request: GenerationRequest, creds: ProviderCredentials, 
         "messages": list(request.messages),
         "max_tokens": o.max_tokens or 4096,  # required by the Messages API
     }
-    for name, value in (("temperature", o.temperature), ("top_p", o.top_p), ("top_k", o.top_k)):
-        if value is not None:
-            params[name] = value
+    # This SDK release no longer declares the sampling parameters; the API still takes them.
+    sampling = {name: value for name, value in (("temperature", o.temperature), ("top_p", o.top_p),
+                                                ("top_k", o.top_k)) if value is not None}
     if o.stop:
         params["stop_sequences"] = list(o.stop)
     if o.reasoning and params["max_tokens"] > 2048:
         params["thinking"] = {"type": "enabled", "budget_tokens": params["max_tokens"] // 2}
     try:
-        message = _anthropic_client(creds.api_key, creds.base_url, timeout_s).messages.create(**params)
+        message = _anthropic_client(creds.api_key, creds.base_url, timeout_s).messages.create(
+            **params, extra_body=sampling or None
+        )
     except anthropic.APITimeoutError as exc:
         raise ExecutionTimeoutError("anthropic did not answer in time.") from exc
     except anthropic.APIStatusError as exc:

@@ -9,7 +9,9 @@ from flux_dagster import queue
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import PendingExecution
 from flux_dagster.errors import FluxError
-from flux_dagster.execution import ExecutionRequest, NodeTask, load_node, record_node_error, write_execution_log
+from flux_dagster.execution import (
+    ExecutionRequest, NodeTask, load_node, record_node_cancelled, record_node_error, write_execution_log,
+)
 from flux_dagster.services.notifications import Notifier
 
 log = logging.getLogger(__name__)
@@ -46,4 +48,23 @@ def fail_execution(
         notifier.publish(request, node_id, "FAILED", error.user_message)
     except Exception:  # the row is failed and logged; a lost notification must not hide that
         log.exception("FAILED notification for execution %s could not be sent", request.exec_id)
+    return True
+
+
+def cancel_execution(database_url: str, notifier: Notifier, pending_id: int, dagster_run_id: str, reason: str) -> bool:
+    """A run terminated from the UI (or cancelled before its node ran): the row and node say CANCELLED."""
+    with session_scope(database_url) as session:
+        row = session.get(PendingExecution, pending_id)
+        if row is None or not queue.finish(session, pending_id, dagster_run_id, "cancelled", reason):
+            return False
+        request = queue.request_of(row)
+        if row.node_id:
+            try:
+                record_node_cancelled(session, load_node(session, request, row.node_id), reason)
+            except FluxError:
+                pass  # nothing to mark on a node that does not exist
+    try:
+        notifier.publish(request, row.node_id or "", "CANCELLED", reason)
+    except Exception:
+        log.exception("CANCELLED notification for execution %s could not be sent", request.exec_id)
     return True

@@ -120,8 +120,9 @@ def finish(session: Session, pending_id: int, dagster_run_id: str, status: str, 
     return result.rowcount == 1
 
 
-def fail_unlaunchable(session: Session, row: PendingExecution, reason: str) -> None:
-    row.status = "failed"
+def fail_unlaunchable(session: Session, row: PendingExecution, reason: str, status: str = "failed") -> None:
+    """End a row that never gets a run (malformed, or cancelled while queued)."""
+    row.status = status
     row.error = reason
     row.finished_at = utcnow()
 

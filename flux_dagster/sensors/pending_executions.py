@@ -64,6 +64,9 @@ def pending_executions_sensor(context: SensorEvaluationContext, app_db: AppDatab
             ).all()
         ) if rows else {}
         for row in rows:
+            if row.cancel_requested_at is not None:
+                queue.fail_unlaunchable(session, row, "Cancelled before it started.", status="cancelled")
+                continue
             reason = queue.malformed_reason(row)
             if reason is None and row.kind != "node":
                 reason = f"Execution kind {row.kind!r} is not supported by this worker yet."

@@ -1,0 +1,35 @@
+"""Rows whose run ended without the run saying so itself: a run worker that died (run monitoring
+fails the run) or a run terminated from the UI. Both finish the row once, like the failure hook."""
+
+from dagster import (
+    DagsterRunStatus, DefaultSensorStatus, RunFailureSensorContext, RunStatusSensorContext, SkipReason,
+    run_failure_sensor, run_status_sensor,
+)
+
+from flux_dagster.errors import SystemError_
+from flux_dagster.failures import cancel_execution, fail_execution
+from flux_dagster.ops.lifecycle import PENDING_EXECUTION_TAG
+from flux_dagster.resources import AppDatabase, NotifierResource
+
+
+@run_failure_sensor(default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=5)
+def execution_run_failure_sensor(context: RunFailureSensorContext, app_db: AppDatabase, notifier: NotifierResource):
+    pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
+    if pending_id is None:
+        return SkipReason("Not an execution run.")
+    message = context.failure_event.message or "The run failed."
+    error = SystemError_("The execution stopped unexpectedly; it can be re-executed.", dev_message=message)
+    if fail_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id, error, message):
+        context.log.info(f"pending execution {pending_id} failed by the run-failure sensor")
+    return None
+
+
+@run_status_sensor(run_status=DagsterRunStatus.CANCELED, default_status=DefaultSensorStatus.RUNNING,
+                   minimum_interval_seconds=5)
+def execution_run_canceled_sensor(context: RunStatusSensorContext, app_db: AppDatabase, notifier: NotifierResource):
+    pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
+    if pending_id is None:
+        return SkipReason("Not an execution run.")
+    cancel_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id,
+                     "The execution was cancelled.")
+    return None

@@ -8,6 +8,7 @@ import os
 from urllib.parse import quote
 
 from dagster import Field, StringSource
+from dagster._core.storage.base_storage import DagsterStorage
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
 
@@ -27,8 +28,8 @@ def postgres_url_from_env() -> str | None:
     return "postgresql+psycopg2://" + url.split("://", 1)[1] if url.startswith(("postgresql://", "postgres://")) else url
 
 
-class EnvSelectedStorage(ConfigurableClass):
-    """Builds the concrete Dagster storage; never instantiated itself."""
+class EnvSelectedStorage(DagsterStorage, ConfigurableClass):
+    """Builds the concrete Dagster storage; never instantiated itself (Dagster checks the type)."""
 
     @classmethod
     def config_type(cls):

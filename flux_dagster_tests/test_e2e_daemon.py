@@ -1,0 +1,175 @@
+"""End to end through a real ``dagster-daemon`` and code server: rows inserted in the app DB become
+runs and finish, once each, on SQLite and on Postgres (app DB and Dagster storage)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select, text
+
+from flux_dagster import queue
+from flux_dagster.db.engine import normalize_url, session_scope
+from flux_dagster.db.models import ExecutionLog, PendingExecution, StatusNotification, TokenLedgerEntry
+from flux_dagster_tests.conftest import PG_ADMIN_URL, add_node
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+OPENAI_NODE = {"AiSystem": "openai", "aiModel": "gpt-4o-mini", "prompt": "Say hi."}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def postgres_database():
+    name = f"flux_e2e_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalize_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def deployment(tmp_path: Path, app_db_url: str, env_extra: dict[str, str]):
+    """A code server and a daemon, as in production, on a temp DAGSTER_HOME."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    port = free_port()
+    (tmp_path / "workspace.yaml").write_text(
+        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {port}\n      location_name: flux_dagster\n"
+    )
+    env = {**os.environ, "DAGSTER_HOME": str(home), "FLUX_DATABASE_URL": app_db_url, "FLUX_HOME": str(tmp_path),
+           "FLUX_RETRY_DELAY_SCALE": "0.01", **env_extra}
+    logs = open(tmp_path / "deployment.log", "w")
+    code_server = subprocess.Popen(
+        [BIN / "dagster", "code-server", "start", "-m", "flux_dagster.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, cwd=REPO, stdout=logs, stderr=subprocess.STDOUT,
+    )
+    daemon = None
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert code_server.poll() is None and time.monotonic() < deadline, (tmp_path / "deployment.log").read_text()
+            time.sleep(0.2)
+        daemon = subprocess.Popen([BIN / "dagster-daemon", "run", "-w", tmp_path / "workspace.yaml"],
+                                  env=env, cwd=REPO, stdout=logs, stderr=subprocess.STDOUT)
+        yield env
+    finally:
+        for process in (daemon, code_server):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        logs.close()
+
+
+def wait_terminal(url: str, ids: list[int], timeout_s: float = 180) -> dict[int, PendingExecution]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with session_scope(url) as s:
+            rows = {r.id: r for r in s.scalars(select(PendingExecution).where(PendingExecution.id.in_(ids)))}
+        if all(r.status in ("completed", "failed", "cancelled") for r in rows.values()):
+            return rows
+        assert time.monotonic() < deadline, {i: r.status for i, r in rows.items()}
+        time.sleep(0.25)
+
+
+def runs_by_row(env: dict[str, str]) -> dict[str, list[str]]:
+    """Every Dagster run the daemon launched, grouped by pending execution id."""
+    code = (
+        "import json; from dagster import DagsterInstance\n"
+        "i = DagsterInstance.get()\n"
+        "out = {}\n"
+        "for r in i.get_runs():\n"
+        "    out.setdefault(r.tags.get('flux/pending_execution_id', '-'), []).append(r.status.value)\n"
+        "print(json.dumps(out))\n"
+    )
+    import json
+
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage(request, tmp_path):
+    if request.param == "sqlite":
+        app_url = f"sqlite:///{tmp_path / 'app.db'}"
+        from flux_dagster.db.engine import create_schema
+
+        create_schema(app_url)
+        yield app_url, {}
+    else:
+        with postgres_database() as app_url, postgres_database() as dagster_url:
+            from flux_dagster.db.engine import create_schema
+
+            create_schema(app_url)
+            yield app_url, {"DAGSTER_PG_URL": dagster_url}
+            from flux_dagster.db.engine import get_engine
+
+            get_engine(app_url).dispose()
+
+
+def test_rows_become_runs_and_finish_once(storage, tmp_path, fake_llm, fake_main_api):
+    app_url, storage_env = storage
+    from flux_dagster import demo
+
+    with session_scope(app_url) as s:
+        demo.seed(s)
+    fake_main_api.denied_models.add("o4-mini")
+    flow_id, ok_node = add_node(app_url, "commandTextNode", OPENAI_NODE)
+    _, denied_node = add_node(app_url, "commandTextNode", {"AiSystem": "openai", "aiModel": "o4-mini"}, flow_id=flow_id)
+    _, unknown_node = add_node(app_url, "weatherNode", {}, flow_id=flow_id)
+    env_extra = {**storage_env, "OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": f"{fake_llm.url}/v1",
+                 "URL_MAIN_API": fake_main_api.url, "INTERNAL_API_KEY": fake_main_api.api_key}
+
+    def insert(node_id, **extra):
+        with session_scope(app_url) as s:
+            return queue.enqueue(s, kind=extra.pop("kind", "node"), exec_id=str(uuid.uuid4()), flow_id=flow_id,
+                                 node_id=node_id, user_id="user-1", session_id="s", **extra).id
+
+    with deployment(tmp_path, app_url, env_extra) as env:
+        first = insert(ok_node)
+        inserted_at = time.monotonic()
+        wait_terminal(app_url, [first])
+        print(f"\ninsert -> COMPLETED for one execution: {time.monotonic() - inserted_at:.2f}s")
+        ids = [insert(ok_node) for _ in range(3)] + [insert(denied_node), insert(unknown_node), insert(None),
+                                                      insert(ok_node, kind="robot")]
+        rows = wait_terminal(app_url, [first, *ids])
+        runs = runs_by_row(env)
+
+    ok_ids = [first, *ids[:3]]
+    assert [rows[i].status for i in ok_ids] == ["completed"] * 4
+    assert rows[ids[3]].status == "failed" and "No access to o4-mini" in rows[ids[3]].error
+    assert rows[ids[4]].status == "failed" and "'weatherNode' is not supported" in rows[ids[4]].error
+    assert rows[ids[5]].status == "failed" and "missing node_id" in rows[ids[5]].error
+    assert rows[ids[6]].status == "failed" and "Unknown execution kind" in rows[ids[6]].error
+    # exactly one run per launchable row, none for malformed rows
+    assert runs == {str(i): ["SUCCESS"] for i in ok_ids} | {str(ids[3]): ["FAILURE"], str(ids[4]): ["FAILURE"]}
+    # one charge per completed execution, no double charge
+    assert len(fake_main_api.charges) == 4 and len(fake_main_api.calls("/worker/charge-tokens")) == 4
+    with session_scope(app_url) as s:
+        assert s.scalar(select(TokenLedgerEntry).where(TokenLedgerEntry.state != "charged")) is None
+        error_logs = s.scalars(select(ExecutionLog).where(ExecutionLog.isError)).all()
+        assert sorted(log.nodeId for log in error_logs) == sorted([denied_node, unknown_node])
+        failed = [n for n in s.scalars(select(StatusNotification)) if "FAILED" in str(n.payload["nodes"])]
+        assert len(failed) == 4  # two runs failed, two rows could not become runs

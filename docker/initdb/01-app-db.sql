@@ -1,0 +1,2 @@
+-- The compose file's stand-in for the main API's database.
+CREATE DATABASE flux_app;

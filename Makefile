@@ -11,9 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-# bubblewrap sandboxes user scripts (scripting node, embedded default).
+# bubblewrap sandboxes user scripts (scripting node); DejaVu fonts give PDFs non-Latin text.
 system-deps:
-	@command -v bwrap >/dev/null || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; }
+	@command -v bwrap >/dev/null && [ -d /usr/share/fonts/truetype/dejavu ] || { apt-get update -qq && apt-get install -y -qq bubblewrap fonts-dejavu-core >/dev/null; }
 
 dev: $(VENV)/.installed system-deps
 	$(VENV)/bin/flux-dagster dev

@@ -166,13 +166,18 @@ def record_node_error(session: Session, task: NodeTask, error: FluxError, stack:
                      "userMessage": error.user_message, "finishedAt": utcnow().isoformat()}
 
 
-def record_node_cancelled(session: Session, task: NodeTask, reason: str) -> None:
+def record_node_cancelled(
+    session: Session, task: NodeTask, reason: str, *, dagster_run_id: str | None = None, not_executed: bool = False
+) -> None:
+    """CANCELLED: stopped by a cancellation, or (``not_executed``) never run because an upstream
+    node did not complete; either way by ``dagster_run_id``, so a re-execution can tell it apart."""
     merge_node_data(session, task, {"executionStatus": "CANCELLED"})
     row = _node_execution(session, task)
     row.status = "CANCELLED"
     row.cancelledAt = utcnow()
     row.output = reason
-    row.metadata_ = {**(row.metadata_ or {}), "userMessage": reason}
+    row.metadata_ = {**(row.metadata_ or {}), "userMessage": reason, "notExecuted": not_executed,
+                     **({"dagsterRunId": dagster_run_id} if dagster_run_id else {})}
 
 
 def write_execution_log(

@@ -11,7 +11,9 @@ from sqlalchemy.orm import Session
 
 from flux_dagster import settings
 from flux_dagster.db.engine import session_scope
+from flux_dagster.files.resource import file_store_from_env
 from flux_dagster.llm.providers import PROVIDERS, LlmClient, ProviderCredentials
+from flux_dagster.scripting.resource import ScriptRunnerResource
 from flux_dagster.services.main_api import MainApi
 from flux_dagster.services.notifications import Notifier
 
@@ -100,4 +102,6 @@ def build_resources() -> dict[str, ConfigurableResource]:
             channel=os.environ.get("FLUX_STATUS_CHANNEL", "room_status_updated"),
         ),
         "llm": LlmResource(offline=offline, **{k: v for k, v in llm_fields.items() if v is not None}),
+        "script_runner": ScriptRunnerResource.from_env(),
+        "file_store": file_store_from_env(),
     }

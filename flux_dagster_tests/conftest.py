@@ -88,7 +88,11 @@ def fake_main_api():
 def make_resources(app_db_url: str, *, llm_url: str | None = None, main_api=None, redis_url: str | None = None,
                    **extra: Any) -> dict[str, Any]:
     """Resources as ``build_resources`` makes them, pointed at the test's DB and fakes."""
+    import tempfile
+
+    from flux_dagster.files.resource import FileStoreResource
     from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, NotifierResource
+    from flux_dagster.scripting.resource import ScriptRunnerResource
 
     database = AppDatabase(url=app_db_url)
     llm = (
@@ -103,6 +107,8 @@ def make_resources(app_db_url: str, *, llm_url: str | None = None, main_api=None
                                     api_key=main_api.api_key if main_api else None),
         "notifier": NotifierResource(database=database, redis_url=redis_url),
         "llm": llm,
+        "file_store": FileStoreResource(local_root=tempfile.mkdtemp(prefix="flux-files-")),
+        "script_runner": ScriptRunnerResource(mode="local"),
         **extra,
     }
 
@@ -146,6 +152,57 @@ def execute_node(app_db_url: str, resources: dict, flow_id: str, node_id: str, *
         claimed = [r for r in queue.claim_batch(session, 100, timedelta(seconds=60)) if r.id == pending_id]
         request = run_request_for(claimed[0], None)
     result = process_single_node.execute_in_process(
+        run_config=request.run_config, tags=request.tags, resources=resources,
+        instance=instance or DagsterInstance.ephemeral(), raise_on_error=False,
+    )
+    return Executed(result=result, pending_id=pending_id, exec_id=exec_id)
+
+
+def add_flow(app_db_url: str, nodes: dict[str, tuple[str, dict]], edges: list[tuple]) -> str:
+    """A flow: ``nodes`` id → (type, data); ``edges`` (source, target[, sourceHandle[, targetHandle]])."""
+    from flux_dagster.db.engine import session_scope
+    from flux_dagster.db.models import FlowEdge
+
+    flow_id = str(uuid.uuid4())
+    for node_id, (node_type, data) in nodes.items():
+        add_node(app_db_url, node_type, data, flow_id=flow_id, node_id=node_id)
+    with session_scope(app_db_url) as session:
+        for i, edge in enumerate(edges):
+            source, target, source_handle, target_handle = (*edge, None, None)[:4]
+            session.add(FlowEdge(flowId=flow_id, edgeId=f"e{i:03d}", source=source, target=target,
+                                 sourceHandle=source_handle, targetHandle=target_handle))
+    return flow_id
+
+
+def enqueue_agent(app_db_url: str, flow_id: str, **fields: Any) -> tuple[int, str]:
+    from flux_dagster import queue
+    from flux_dagster.db.engine import session_scope
+
+    exec_id = str(uuid.uuid4())
+    with session_scope(app_db_url) as session:
+        row = queue.enqueue(session, kind="agent", exec_id=exec_id, flow_id=flow_id, user_id="user-1",
+                            session_id="session-1", run_id=f"run-{exec_id[:8]}", **fields)
+        return row.id, exec_id
+
+
+def agent_run_request(app_db_url: str, pending_id: int):
+    from flux_dagster.db.engine import session_scope
+    from flux_dagster.db.models import PendingExecution
+    from flux_dagster.sensors.pending_executions import run_request_for
+
+    with session_scope(app_db_url) as session:
+        return run_request_for(session.get(PendingExecution, pending_id), None)
+
+
+def execute_agent(app_db_url: str, resources: dict, flow_id: str, *, instance=None) -> Executed:
+    """Queue an agent execution and run ``process_agent`` in-process (steps in topological order)."""
+    from dagster import DagsterInstance
+
+    from flux_dagster.jobs.process_agent import process_agent
+
+    pending_id, exec_id = enqueue_agent(app_db_url, flow_id)
+    request = agent_run_request(app_db_url, pending_id)
+    result = process_agent.execute_in_process(
         run_config=request.run_config, tags=request.tags, resources=resources,
         instance=instance or DagsterInstance.ephemeral(), raise_on_error=False,
     )

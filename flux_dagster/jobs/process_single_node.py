@@ -3,6 +3,10 @@ of the node's type visible as steps (the others show as skipped)."""
 
 from dagster import in_process_executor, job
 
+from flux_dagster.ops.api_caller import api_caller
+from flux_dagster.ops.counter import counter
+from flux_dagster.ops.files import display_box, generate_file
+from flux_dagster.ops.image_generator import charge_image_credits, image_generator
 from flux_dagster.ops.lifecycle import (
     generate_execution_logs,
     get_info_in_database,
@@ -10,15 +14,26 @@ from flux_dagster.ops.lifecycle import (
     notify_status_completed,
     notify_status_pending,
 )
+from flux_dagster.ops.math_function import math_function
+from flux_dagster.ops.scripting import scripting
+from flux_dagster.ops.sql_querier import sql_querier
 from flux_dagster.ops.text_generator import charge_tokens, text_generator, validate_model_access
 
 
 @job(executor_def=in_process_executor, hooks={node_execution_error})
 def process_single_node():
     request = notify_status_pending()
-    text_branch = get_info_in_database(request)
+    branches = get_info_in_database(request)
 
-    text_task = validate_model_access(text_branch)
-    text_done = charge_tokens(text_task, text_generator(text_task))
+    text_task = validate_model_access(branches.text_generator)
+    text_done = generate_file(charge_tokens(text_task, text_generator(text_task)))
+    api_done = api_caller(branches.api_caller)
+    math_done = math_function(branches.math_function)
+    counter_done = counter(branches.counter)
+    sql_done = sql_querier(branches.sql_querier)
+    script_done = scripting(branches.scripting)
+    image_done = charge_image_credits(branches.image_generator, image_generator(branches.image_generator))
 
-    notify_status_completed(generate_execution_logs([text_done]))
+    notify_status_completed(generate_execution_logs([
+        text_done, display_box(branches.display_box), api_done, math_done, counter_done, sql_done, image_done, script_done,
+    ]))

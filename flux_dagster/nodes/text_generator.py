@@ -9,10 +9,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import SystemAiModel, utcnow
-from flux_dagster.errors import UserConfigError
-from flux_dagster.execution import NodeTask, persist_node_success
+from flux_dagster.errors import SystemError_, UserConfigError
+from flux_dagster.execution import NodeOutcome, NodeTask, persist_node_success
 from flux_dagster.llm.providers import Generation, GenerationOptions, GenerationRequest, LlmClient
+from flux_dagster.services.main_api import MainApi, TokenCharge
 
 NODE_TYPE = "commandTextNode"
 
@@ -261,3 +263,44 @@ def persist_generation(session: Session, task: NodeTask, generation: Generation,
                   "model": model.modelName, "aiCompany": model.aiCompany, "logs": logs, "provider": generation.provider},
     )
     return output
+
+
+# --- the stages: one op each in process_single_node, called in a row by process_agent ----------
+
+
+def validate_access(main_api: MainApi, task: NodeTask) -> None:
+    """``validateModelAccess``: raises UserConfigError when the flow's owner may not use the model."""
+    ai_system, model = resolve_model(task.data)
+    main_api.validate_model_access(task.request.flow_id, model, ai_system)
+
+
+def generate(database_url: str, llm: LlmClient, task: NodeTask, generation_id: str) -> TextGeneration:
+    """``textGenerator``: call the provider and persist what it said.
+
+    ``generation_id`` names this generation for billing: the caller derives it from the run that
+    generates, so retries and re-executions that reuse this output reuse its charge key."""
+    ai_system, model_name = resolve_model(task.data)
+    with session_scope(database_url) as session:
+        model = find_model(session, model_name)
+    generation = llm.generate(build_request(task, model))  # no DB transaction held meanwhile
+    with session_scope(database_url) as session:
+        output = persist_generation(session, task, generation, model)
+    return TextGeneration(output=output, input_tokens=generation.input_tokens,
+                          output_tokens=generation.output_tokens, model=model_name, ai_system=ai_system,
+                          generation_id=generation_id)
+
+
+def charge(main_api: MainApi, task: NodeTask, generation: TextGeneration) -> NodeOutcome:
+    """``chargeTokens``, exactly once per generation; a refused charge is reported, not fatal."""
+    if generation.input_tokens is None or generation.output_tokens is None:
+        raise SystemError_("The provider did not report token usage.")
+    token_charge = TokenCharge(
+        flow_id=task.request.flow_id, user_id=task.request.user_id, exec_id=task.request.exec_id,
+        node_id=task.node_id, model=generation.model, ai_system=generation.ai_system,
+        input_tokens=generation.input_tokens, output_tokens=generation.output_tokens,
+        generation_id=generation.generation_id, label=task.label,
+    )
+    charged = main_api.charge_tokens(token_charge)
+    return NodeOutcome(task=task, output=generation.output, message="Node executed successfully",
+                       extra={"charged": charged, "idempotency_key": token_charge.idempotency_key,
+                              "input_tokens": generation.input_tokens, "output_tokens": generation.output_tokens})

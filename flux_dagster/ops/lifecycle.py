@@ -13,6 +13,13 @@ from flux_dagster.resources import AppDatabase, NotifierResource
 # Stored node type → the branch (op) that runs it. A type missing here fails with a clear message.
 NODE_BRANCHES: dict[str, str] = {
     "commandTextNode": "text_generator",
+    "scripting": "scripting",
+    "apiCaller": "api_caller",
+    "mathFunction": "math_function",
+    "counterNode": "counter",
+    "sqlQuerier": "sql_querier",
+    "imageGenerator": "image_generator",
+    "outputController": "display_box",
 }
 
 PENDING_EXECUTION_TAG = "flux/pending_execution_id"

@@ -31,7 +31,18 @@ RETRY_POLICIES: dict[str, RetryPolicy] = {
     "validate_model_access": _policy(3, 1.0),
     "text_generator": _policy(3, 2.0),
     "charge_tokens": _policy(5, 1.0),
+    "scripting": _policy(2, 1.0),  # Lambda throttling/5xx only: a failing script never retries
+    "generate_file": _policy(3, 1.0),
+    "display_box": _policy(3, 1.0),
+    "api_caller": _policy(3, 2.0),
+    "math_function": _policy(2, 0.5),
+    "counter": _policy(2, 0.5),
+    "sql_querier": _policy(3, 2.0),
+    "image_generator": _policy(3, 2.0),
+    "charge_image_credits": _policy(5, 1.0),
     "generate_execution_logs": _policy(2, 0.5),
+    # process_agent: a node's whole stage chain, retried inside its step (see agent.retrying).
+    "agent_node": _policy(3, 1.0),
 }
 
 

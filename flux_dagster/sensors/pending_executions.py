@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from flux_dagster import queue
 from flux_dagster.db.models import FlowNode, PendingExecution
+from flux_dagster.jobs.process_agent import process_agent
 from flux_dagster.jobs.process_single_node import process_single_node
 from flux_dagster.ops.lifecycle import PENDING_EXECUTION_TAG
 from flux_dagster.resources import AppDatabase, NotifierResource
@@ -22,7 +23,7 @@ def run_key(row: PendingExecution) -> str:
 
 
 def run_request_for(row: PendingExecution, node_type: str | None) -> RunRequest:
-    request = queue.request_of(row)
+    """A node row runs ``process_single_node``, an agent row ``process_agent``."""
     tags = {
         PENDING_EXECUTION_TAG: str(row.id),
         "flux/exec_id": row.exec_id,
@@ -33,20 +34,21 @@ def run_request_for(row: PendingExecution, node_type: str | None) -> RunRequest:
         "dagster/priority": str(row.priority or 0),
     }
     config = {
-        "pending_execution_id": row.id, "exec_id": request.exec_id, "flow_id": request.flow_id,
-        "user_id": request.user_id, "node_id": request.node_id, "session_id": request.session_id,
-        "flow_version_history_id": request.flow_version_history_id, "run_id": request.run_id,
+        "pending_execution_id": row.id, "exec_id": row.exec_id, "flow_id": row.flow_id, "user_id": row.user_id,
+        "session_id": row.session_id, "flow_version_history_id": row.flow_version_history_id, "run_id": row.run_id,
     }
-    return RunRequest(
-        run_key=run_key(row),
-        job_name=process_single_node.name,
-        run_config={"ops": {"notify_status_pending": {"config": config}}},
-        tags=tags,
-    )
+    if row.kind == "agent":
+        job_name, first_op = process_agent.name, "load_flow"
+        tags.update({"flux/node_type": "agent", "flux/run_id": row.run_id or ""})
+    else:
+        job_name, first_op = process_single_node.name, "notify_status_pending"
+        config["node_id"] = row.node_id
+    return RunRequest(run_key=run_key(row), job_name=job_name,
+                      run_config={"ops": {first_op: {"config": config}}}, tags=tags)
 
 
 @sensor(
-    jobs=[process_single_node],
+    jobs=[process_single_node, process_agent],
     minimum_interval_seconds=1,
     default_status=DefaultSensorStatus.RUNNING,
 )
@@ -68,8 +70,6 @@ def pending_executions_sensor(context: SensorEvaluationContext, app_db: AppDatab
                 queue.fail_unlaunchable(session, row, "Cancelled before it started.", status="cancelled")
                 continue
             reason = queue.malformed_reason(row)
-            if reason is None and row.kind != "node":
-                reason = f"Execution kind {row.kind!r} is not supported by this worker yet."
             if reason:
                 queue.fail_unlaunchable(session, row, reason)
                 failed.append((row, reason))

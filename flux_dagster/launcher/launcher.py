@@ -1,0 +1,298 @@
+"""``WarmRunLauncher``: starts each run in a process forked from a warm, pre-imported zygote.
+
+With Dagster's ``DefaultRunLauncher`` every run pays a fresh interpreter: ``import dagster``,
+the storage classes and the code location, about a second of CPU before the first op. Here the
+launcher (in the daemon, where the run queue launches runs) keeps one zygote process per version
+of each code location (``flux_dagster/launcher/zygote.py``); a launch is a line on the zygote's
+stdin and a ``fork``. Every run is still a separate process running Dagster's own run-worker code
+path, with the same events, results and run storage as with ``DefaultRunLauncher``.
+
+- Code reloads: the zygote is keyed by the code server's id, which changes when the location is
+  reloaded or restarted; the next launch starts a new zygote on the new code and the old one exits
+  once its runs are done.
+- Run monitoring: ``check_run_worker_health`` reports a run worker that died (exit status from the
+  zygote, else the pid and start time recorded in the run's tags, checked in ``/proc``).
+- Termination: ``terminate`` marks the run CANCELING and signals the worker when it runs on this
+  host; the launcher that owns the worker also signals workers of runs marked CANCELING elsewhere
+  (the webserver on another host), within ``cancel_poll_interval_seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dagster import Array, Field, Noneable, StringSource
+from dagster import _check as check
+from dagster._core.errors import DagsterLaunchFailedError
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher, WorkerStatus
+from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
+from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
+
+from flux_dagster.launcher.zygote import process_start_ticks
+
+logger = logging.getLogger(__name__)
+
+PID_TAG = "flux/run_worker_pid"
+HOST_TAG = "flux/run_worker_host"
+START_TAG = "flux/run_worker_start_ticks"
+
+
+class _Zygote:
+    """The launcher's handle on one zygote process."""
+
+    def __init__(self, setup: dict[str, Any], cwd: str | None, ready_timeout_s: float):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flux_dagster.launcher.zygote"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=cwd or None, text=True, bufsize=1,
+            start_new_session=True,
+        )
+        self._lock = threading.Lock()
+        self._replies: dict[str, dict[str, Any]] = {}
+        self._reply_arrived = threading.Condition(self._lock)
+        self.exits: dict[str, int] = {}
+        self.live: dict[str, int] = {}
+        self._ready: dict[str, Any] | None = None
+        self._reader = threading.Thread(target=self._read, name="warm-launcher-zygote", daemon=True)
+        self._reader.start()
+        self._send(setup)
+        with self._lock:
+            if not self._reply_arrived.wait_for(lambda: self._ready is not None, ready_timeout_s):
+                self.close()
+                raise DagsterLaunchFailedError(f"The run zygote did not load the code in {ready_timeout_s:.0f}s.")
+        if "error" in self._ready:
+            raise DagsterLaunchFailedError(f"The run zygote could not load the code location:\n{self._ready['error']}")
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            message = json.loads(line)
+            with self._lock:
+                if "ready" in message or "error" in message:
+                    self._ready = message
+                elif "started" in message:
+                    self._replies[message["started"]] = message
+                    self.live[message["started"]] = message["pid"]
+                elif "exited" in message:
+                    self.live.pop(message["exited"], None)
+                    self.exits[message["exited"]] = message["returncode"]
+                self._reply_arrived.notify_all()
+        with self._lock:
+            self._ready = self._ready or {"error": "the zygote exited"}
+            self._reply_arrived.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def launch(self, run_id: str, timeout_s: float) -> dict[str, Any]:
+        with self._lock:
+            self._send({"launch": run_id})
+            if not self._reply_arrived.wait_for(lambda: run_id in self._replies or not self.alive, timeout_s):
+                raise DagsterLaunchFailedError(f"The run zygote did not start run {run_id} in {timeout_s:.0f}s.")
+            if run_id not in self._replies:
+                raise DagsterLaunchFailedError("The run zygote exited before starting the run.")
+            return self._replies.pop(run_id)
+
+    def close(self) -> None:
+        """Stop launching; the zygote exits once its run workers are done."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+
+class WarmRunLauncher(RunLauncher, ConfigurableClass):
+    """Launches runs as forks of a warm zygote process on the launcher's host (see module doc)."""
+
+    def __init__(
+        self,
+        inst_data: ConfigurableClassData | None = None,
+        preload_modules: Sequence[str] | None = None,
+        start_timeout_seconds: float = 120,
+        cancel_poll_interval_seconds: float = 1.0,
+    ):
+        self._inst_data = inst_data
+        self.preload_modules = list(preload_modules or [])
+        self.start_timeout_seconds = start_timeout_seconds
+        self.cancel_poll_interval_seconds = cancel_poll_interval_seconds
+        self._lock = threading.Lock()
+        self._zygotes: dict[tuple, _Zygote] = {}
+        self._retired: list[_Zygote] = []
+        self._stop = threading.Event()
+        self._cancel_watcher: threading.Thread | None = None
+        self._hostname = socket.gethostname()
+        super().__init__()
+
+    @property
+    def inst_data(self) -> ConfigurableClassData | None:
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls):
+        return {
+            "preload_modules": Field(
+                Array(StringSource), is_required=False, default_value=[],
+                description="Modules the zygote imports up front (e.g. LLM SDKs), shared by every run worker.",
+            ),
+            "start_timeout_seconds": Field(
+                float, is_required=False, default_value=120.0,
+                description="How long a new zygote may take to import and load the code location.",
+            ),
+            "cancel_poll_interval_seconds": Field(
+                Noneable(float), is_required=False, default_value=1.0,
+                description="How often the owning launcher looks for its runs marked CANCELING elsewhere.",
+            ),
+        }
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]):
+        return cls(inst_data=inst_data, **config_value)
+
+    # --- launching ------------------------------------------------------------------------------
+
+    def _zygote_for(self, run: DagsterRun, context: LaunchRunContext) -> _Zygote:
+        origin = check.not_none(run.job_code_origin, "WarmRunLauncher needs runs with a code origin").repository_origin
+        remote_origin = check.not_none(run.remote_job_origin)
+        location_name = remote_origin.repository_origin.code_location_origin.location_name
+        server_id = None
+        if context.workspace is not None:
+            location = context.workspace.get_code_location(location_name)
+            server_id = getattr(location, "server_id", None)
+        key = (location_name, server_id, serialize_value(origin))
+        with self._lock:
+            self._retired = [z for z in self._retired if z.alive]
+            zygote = self._zygotes.get(key)
+            if zygote is not None and zygote.alive:
+                return zygote
+            for old_key in [k for k in self._zygotes if k[0] == location_name]:
+                old = self._zygotes.pop(old_key)
+                old.close()
+                self._retired.append(old)
+            setup = {
+                "instance_ref": serialize_value(self._instance.get_ref()),
+                "repository_origin": serialize_value(origin),
+                "preload_modules": self.preload_modules,
+            }
+            zygote = _Zygote(setup, getattr(origin.code_pointer, "working_directory", None), self.start_timeout_seconds)
+            self._zygotes[key] = zygote
+            self._start_cancel_watcher()
+            return zygote
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        run = context.dagster_run
+        started = self._zygote_for(run, context).launch(run.run_id, timeout_s=30)
+        self._instance.add_run_tags(run.run_id, {
+            PID_TAG: str(started["pid"]),
+            HOST_TAG: self._hostname,
+            START_TAG: str(started["start_ticks"] or ""),
+        })
+
+    # --- monitoring and termination ---------------------------------------------------------------
+
+    def _owned(self) -> list[_Zygote]:
+        with self._lock:
+            return [*self._zygotes.values(), *self._retired]
+
+    def _exit_code(self, run_id: str) -> int | None:
+        for zygote in self._owned():
+            if run_id in zygote.exits:
+                return zygote.exits[run_id]
+        return None
+
+    def _local_pid(self, run: DagsterRun) -> int | None:
+        """The run worker's pid when it runs on this host and is still that same process."""
+        tags = run.tags
+        if tags.get(HOST_TAG) != self._hostname or not tags.get(PID_TAG):
+            return None
+        pid = int(tags[PID_TAG])
+        ticks = process_start_ticks(pid)
+        if ticks is None or (tags.get(START_TAG) and str(ticks) != tags[START_TAG]):
+            return None
+        return pid
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        pid_tag = run.tags.get(PID_TAG)
+        if not pid_tag:
+            return CheckRunHealthResult(WorkerStatus.NOT_FOUND, "The run has no run worker recorded.")
+        if run.tags.get(HOST_TAG) != self._hostname:
+            return CheckRunHealthResult(
+                WorkerStatus.UNKNOWN, f"The run worker ran on host {run.tags.get(HOST_TAG)}, not on this one."
+            )
+        exit_code = self._exit_code(run.run_id)
+        if exit_code is not None:
+            how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
+            return CheckRunHealthResult(WorkerStatus.FAILED, f"Run worker {pid_tag} {how} before the run finished.")
+        if self._local_pid(run) is None:
+            return CheckRunHealthResult(WorkerStatus.FAILED, f"Run worker process {pid_tag} is gone.")
+        return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=pid_tag)
+
+    def get_run_worker_debug_info(self, run: DagsterRun, include_container_logs: bool | None = True) -> str | None:
+        exit_code = self._exit_code(run.run_id)
+        return (
+            f"run worker pid {run.tags.get(PID_TAG)} on {run.tags.get(HOST_TAG)}"
+            + (f", exit status {exit_code}" if exit_code is not None else "")
+        )
+
+    def terminate(self, run_id: str) -> bool:
+        run = self._instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            return False
+        self._instance.report_run_canceling(run)
+        pid = self._local_pid(run)
+        if pid is None:
+            # Not on this host: the launcher that owns the worker signals it (see _watch_cancels).
+            return run.tags.get(HOST_TAG) not in (None, self._hostname)
+        return self._interrupt(pid)
+
+    @staticmethod
+    def _interrupt(pid: int) -> bool:
+        try:
+            # Dagster's run worker turns SIGTERM into an interrupt and records the run as canceled.
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _start_cancel_watcher(self) -> None:
+        if self._cancel_watcher is None and self.cancel_poll_interval_seconds:
+            self._cancel_watcher = threading.Thread(target=self._watch_cancels, name="warm-launcher-cancels", daemon=True)
+            self._cancel_watcher.start()
+
+    def _watch_cancels(self) -> None:
+        signalled: set[str] = set()
+        while not self._stop.wait(self.cancel_poll_interval_seconds):
+            live = {run_id: pid for z in self._owned() for run_id, pid in list(z.live.items())}
+            signalled &= set(live)
+            if not live:
+                continue
+            try:
+                canceling = self._instance.get_run_ids(
+                    RunsFilter(run_ids=list(live), statuses=[DagsterRunStatus.CANCELING])
+                )
+            except Exception:  # noqa: BLE001 - storage hiccup: try again next interval
+                logger.exception("WarmRunLauncher: could not look for canceling runs")
+                continue
+            for run_id in set(canceling) - signalled:
+                self._interrupt(live[run_id])
+                signalled.add(run_id)
+
+    def dispose(self) -> None:
+        self._stop.set()
+        for zygote in self._owned():
+            zygote.close()

@@ -1,0 +1,161 @@
+"""The warm process behind :class:`~flux_dagster.launcher.WarmRunLauncher`.
+
+Started once per code location version by the launcher (``python -m flux_dagster.launcher.zygote``),
+it imports Dagster, the storage classes and the code location, builds the instance, and then forks
+one run worker per run: a fork of an idle, single-threaded, fully imported interpreter starts in
+milliseconds and shares its memory pages with this process until it writes to them.
+
+Each run worker executes its run exactly as ``dagster api execute_run`` does (the command Dagster's
+own container launchers start), then exits. The zygote itself never runs user code beyond imports.
+
+Protocol, one JSON object per line. In on stdin: first ``{"instance_ref", "repository_origin",
+"preload_modules"}``, then ``{"launch": run_id}``. Out on the original stdout: ``{"ready": true}``
+or ``{"error": text}`` once, then ``{"started": run_id, "pid", "start_ticks"}`` per launch and
+``{"exited": run_id, "pid", "returncode"}`` per run worker reaped (negative: killed by that signal).
+End of stdin: stop launching, wait for the run workers, exit.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import selectors
+import signal
+import sys
+import traceback
+
+# How often the zygote reaps finished run workers while no command arrives.
+REAP_INTERVAL_S = 0.2
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a pid from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return None if fields[0] == b"Z" else int(fields[19])
+
+
+def _execute_run(instance, run_id: str) -> int:
+    """Body of the run worker: what ``dagster api execute_run`` does for one run."""
+    from dagster._core.events import EngineEventData
+    from dagster._grpc.impl import core_execute_run
+    from dagster._utils.hosted_user_process import recon_job_from_origin
+    from dagster._utils.interrupts import capture_interrupts
+
+    with capture_interrupts():
+        run = instance.get_run_by_id(run_id)
+        if run is None or run.job_code_origin is None:
+            print(f"run worker: run {run_id} not found or without a code origin", file=sys.stderr)
+            return 1
+        pid = os.getpid()
+        instance.report_engine_event(
+            f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
+        )
+        failed = False
+        try:
+            for _ in core_execute_run(recon_job_from_origin(run.job_code_origin), run, instance, inject_env_vars=True):
+                pass
+        except BaseException:  # noqa: BLE001 - core_execute_run has written the failure to the event log
+            failed = True
+        finally:
+            instance.report_engine_event(f"Process for run exited (pid: {pid}).", run)
+    return 1 if failed else 0
+
+
+class Zygote:
+    def __init__(self, commands, replies):
+        self.commands, self.replies = commands, replies
+        self.children: dict[int, str] = {}
+        self.instance = None
+
+    def reply(self, **message) -> None:
+        self.replies.write(json.dumps(message) + "\n")
+        self.replies.flush()
+
+    def load(self, setup: dict) -> None:
+        from dagster import DagsterInstance
+        from dagster._serdes import deserialize_value
+        from dagster._utils.hosted_user_process import recon_repository_from_origin
+
+        for module in setup.get("preload_modules") or []:
+            importlib.import_module(module)
+        origin = deserialize_value(setup["repository_origin"])
+        recon_repository_from_origin(origin).get_definition()
+        self.instance = DagsterInstance.from_ref(deserialize_value(setup["instance_ref"]))
+
+    def fork_run_worker(self, run_id: str) -> None:
+        # Objects that exist now are never collected in the run worker, so it does not write to
+        # (and so copy) the pages it shares with the zygote just to scan them.
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setsid()  # its own process group: a signal for the run reaches its subprocesses
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                self.commands.close()
+                self.replies.close()
+                code = _execute_run(self.instance, run_id)
+            except BaseException:  # noqa: BLE001 - report anything, then leave without the zygote's cleanup
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.children[pid] = run_id
+        self.reply(started=run_id, pid=pid, start_ticks=process_start_ticks(pid))
+
+    def reap(self, block: bool = False) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            run_id = self.children.pop(pid, None)
+            if run_id is not None:
+                self.reply(exited=run_id, pid=pid, returncode=os.waitstatus_to_exitcode(status))
+
+    def serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.commands, selectors.EVENT_READ)
+        while True:
+            if selector.select(REAP_INTERVAL_S):
+                line = self.commands.readline()
+                if not line:
+                    break
+                self.fork_run_worker(json.loads(line)["launch"])
+            self.reap()
+        self.reap(block=True)
+
+
+def main() -> None:
+    # stdout carries the protocol: keep it private so that prints (imports, runs) go to stderr.
+    replies = os.fdopen(os.dup(1), "w")
+    commands = os.fdopen(os.dup(0), "r")
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # The daemon's signals (Ctrl-C, a restart) must not reach runs in flight; end of stdin stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    zygote = Zygote(commands, replies)
+    try:
+        zygote.load(json.loads(commands.readline()))
+    except BaseException:  # noqa: BLE001 - anything that stops loading is the launcher's error to show
+        zygote.reply(error=traceback.format_exc())
+        raise SystemExit(1)
+    zygote.reply(ready=True)
+    zygote.serve()
+
+
+if __name__ == "__main__":
+    main()

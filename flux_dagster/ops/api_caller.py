@@ -1,0 +1,17 @@
+"""The API caller branch (reference §4.3)."""
+
+from dagster import OpExecutionContext, op
+
+from flux_dagster.execution import NodeOutcome, NodeTask
+from flux_dagster.nodes.api_caller import run_api_caller
+from flux_dagster.ops.retries import RETRY_POLICIES, node_errors
+from flux_dagster.resources import AppDatabase
+
+
+@op(retry_policy=RETRY_POLICIES["api_caller"])
+def api_caller(context: OpExecutionContext, task: NodeTask, app_db: AppDatabase) -> NodeOutcome:
+    with node_errors():
+        outcome = run_api_caller(app_db.session, task)
+    context.add_output_metadata({"status_code": outcome.extra["statusCode"],
+                                 "polling_calls": outcome.extra["pollingCallCount"]})
+    return outcome

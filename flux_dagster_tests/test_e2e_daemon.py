@@ -173,3 +173,67 @@ def test_rows_become_runs_and_finish_once(storage, tmp_path, fake_llm, fake_main
         assert sorted(log.nodeId for log in error_logs) == sorted([denied_node, unknown_node])
         failed = [n for n in s.scalars(select(StatusNotification)) if "FAILED" in str(n.payload["nodes"])]
         assert len(failed) == 4  # two runs failed, two rows could not become runs
+
+
+REEXECUTE_FROM_FAILURE = (
+    "import sys\n"
+    "from dagster import DagsterInstance, ReexecutionOptions, execute_job, reconstructable\n"
+    "from flux_dagster_tests.test_e2e_daemon import agent_job\n"
+    "with DagsterInstance.get() as instance:\n"
+    "    result = execute_job(reconstructable(agent_job), instance,\n"
+    "                         reexecution_options=ReexecutionOptions.from_failure(sys.argv[1], instance))\n"
+    "    print('REEXECUTED', result.run_id, result.success)\n"
+)
+
+
+def agent_job():
+    from flux_dagster.definitions import defs
+
+    return defs.get_job_def("process_agent")
+
+
+def test_agent_runs_then_reexecution_from_failure_skips_completed_nodes(storage, tmp_path, fake_llm, fake_main_api):
+    """An agent with a failing middle node: the branch after it is not executed, the other branch
+    finishes; after the node is fixed, "re-execute from failure" (what the UI launches) runs only
+    what did not complete, and the completed text generator is neither re-run nor re-charged."""
+    from sqlalchemy import update
+
+    from flux_dagster import demo
+    from flux_dagster.db.models import FlowNode, NodeExecution
+    from flux_dagster_tests.conftest import add_flow, enqueue_agent
+
+    app_url, storage_env = storage
+    with session_scope(app_url) as s:
+        demo.seed(s)
+    math = lambda f: ("mathFunction", {"formula": f, "variables": []})  # noqa: E731
+    flow_id = add_flow(app_url, {"write": ("commandTextNode", OPENAI_NODE), "calc": math("1 +* 2"), "after": math("3"),
+                                 "x": math("4"), "y": math("5"), "z": math("6")},
+                       [("write", "calc"), ("calc", "after"), ("x", "y"), ("x", "z")])
+    env_extra = {**storage_env, "OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": f"{fake_llm.url}/v1",
+                 "URL_MAIN_API": fake_main_api.url, "INTERNAL_API_KEY": fake_main_api.api_key}
+
+    def node_states(exec_id):
+        with session_scope(app_url) as s:
+            return {r.nodeId: r.status for r in s.scalars(select(NodeExecution).where(NodeExecution.execId == exec_id))}
+
+    with deployment(tmp_path, app_url, env_extra) as env:
+        pending_id, exec_id = enqueue_agent(app_url, flow_id)
+        row = wait_terminal(app_url, [pending_id])[pending_id]
+        assert row.status == "failed"
+        assert row.error == "Agent run: 4 completed, 1 failed (calc), 1 not executed (after)."
+        assert node_states(exec_id) == {"write": "COMPLETED", "calc": "FAILED", "after": "CANCELLED",
+                                        "x": "COMPLETED", "y": "COMPLETED", "z": "COMPLETED"}
+        assert runs_by_row(env) == {str(pending_id): ["FAILURE"]}
+
+        with session_scope(app_url) as s:
+            s.execute(update(FlowNode).where(FlowNode.flowId == flow_id, FlowNode.nodeId == "calc")
+                      .values(data={"formula": "1 + 2", "variables": []}))
+        done = subprocess.run([sys.executable, "-c", REEXECUTE_FROM_FAILURE, row.dagster_run_id], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert "REEXECUTED" in done.stdout and done.stdout.strip().endswith("True"), done.stdout + done.stderr[-3000:]
+        row = wait_terminal(app_url, [pending_id])[pending_id]
+
+    assert row.status == "completed"
+    assert set(node_states(exec_id).values()) == {"COMPLETED"}
+    assert len([r for r in fake_llm.requests if r.path.endswith("/chat/completions")]) == 1
+    assert len(fake_main_api.charges) == 1 and len(fake_main_api.calls("/worker/charge-tokens")) == 1

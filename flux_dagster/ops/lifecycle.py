@@ -7,20 +7,12 @@ from flux_dagster import queue
 from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeOutcome, NodeTask, load_node, start_node_execution, write_execution_log
 from flux_dagster.failures import fail_execution
+from flux_dagster.node_types import NODE_TYPES
 from flux_dagster.ops.retries import RETRY_POLICIES, error_of, node_errors
 from flux_dagster.resources import AppDatabase, NotifierResource
 
-# Stored node type → the branch (op) that runs it. A type missing here fails with a clear message.
-NODE_BRANCHES: dict[str, str] = {
-    "commandTextNode": "text_generator",
-    "scripting": "scripting",
-    "apiCaller": "api_caller",
-    "mathFunction": "math_function",
-    "counterNode": "counter",
-    "sqlQuerier": "sql_querier",
-    "imageGenerator": "image_generator",
-    "outputController": "display_box",
-}
+# Stored node type → the branch (op) that runs it; a type missing there fails with a clear message.
+NODE_BRANCHES: dict[str, str] = {node_type: spec.branch for node_type, spec in NODE_TYPES.items()}
 
 PENDING_EXECUTION_TAG = "flux/pending_execution_id"
 

@@ -8,10 +8,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flux_dagster import queue
-from flux_dagster.db.models import Flow, FlowNode, PendingExecution, SystemAiModel
+from flux_dagster.db.models import Flow, FlowEdge, FlowNode, PendingExecution, SystemAiModel
 
 DEMO_USER = "demo-user"
 DEMO_FLOW = "00000000-0000-4000-8000-000000000001"
+DEMO_AGENT_FLOW = "00000000-0000-4000-8000-000000000002"
 
 MODELS = [
     dict(modelName="gpt-4o-mini", aiCompany="openai", maxOutputToken=16384),
@@ -44,6 +45,22 @@ NODES = [
 ]
 
 
+# An agent: a number feeds a writer, whose text fans out to a display box and a second writer.
+AGENT_NODES = [
+    ("price", "mathFunction", {"label": "Price with tax", "formula": "price * (1 + tax)",
+                               "variables": [{"id": "1", "name": "price", "value": 120},
+                                             {"id": "2", "name": "tax", "value": 0.2}]}),
+    ("pitch", "commandTextNode", {"label": "Write a pitch", "AiSystem": "openai", "aiModel": "gpt-4o-mini",
+                                  "instruction": "Write one sentence selling a product at the given price."}),
+    ("tagline", "commandTextNode", {"label": "Tagline", "AiSystem": "anthropicai", "anthropicModel": "claude-4-5-sonnet",
+                                    "instruction": "Turn the pitch into a five-word tagline."}),
+    ("show", "outputController", {"label": "Show the pitch", "saveOutput": True, "fileExtension": "md",
+                                  "customFileName": "pitch"}),
+]
+AGENT_EDGES = [("price", "pitch", "output", "prompt"), ("pitch", "show", "output", "text"),
+               ("pitch", "tagline", "output", "prompt")]
+
+
 def seed(session: Session) -> None:
     """Idempotent: re-running it leaves one copy of everything."""
     known = set(session.scalars(select(SystemAiModel.modelName)))
@@ -55,11 +72,22 @@ def seed(session: Session) -> None:
         FlowNode(flowId=DEMO_FLOW, nodeId=node_id, type=node_type, data=data)
         for node_id, node_type, data in NODES if node_id not in existing
     )
+    if session.get(Flow, DEMO_AGENT_FLOW) is None:
+        session.add(Flow(id=DEMO_AGENT_FLOW, name="Demo agent", userId=DEMO_USER))
+        session.add_all(FlowNode(flowId=DEMO_AGENT_FLOW, nodeId=node_id, type=node_type, data=data)
+                        for node_id, node_type, data in AGENT_NODES)
+        session.add_all(FlowEdge(flowId=DEMO_AGENT_FLOW, edgeId=f"demo-edge-{i}", source=source, target=target,
+                                 sourceHandle=source_handle, targetHandle=target_handle)
+                        for i, (source, target, source_handle, target_handle) in enumerate(AGENT_EDGES))
 
 
 def enqueue_demo_executions(session: Session) -> list[PendingExecution]:
-    return [
+    nodes = [
         queue.enqueue(session, kind="node", exec_id=str(uuid.uuid4()), flow_id=DEMO_FLOW, node_id=node_id,
                       user_id=DEMO_USER, session_id="demo-session")
         for node_id, _, _ in NODES
     ]
+    exec_id = str(uuid.uuid4())
+    agent = queue.enqueue(session, kind="agent", exec_id=exec_id, flow_id=DEMO_AGENT_FLOW, user_id=DEMO_USER,
+                          session_id="demo-session", run_id=f"demo-run-{exec_id[:8]}")
+    return [*nodes, agent]

@@ -11,9 +11,14 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-# bubblewrap sandboxes user scripts (scripting node); DejaVu fonts give PDFs non-Latin text.
+# bubblewrap sandboxes user scripts, node runs the JavaScript ones, DejaVu fonts give PDFs
+# non-Latin text. Installed from Debian's packages when missing.
 system-deps:
-	@command -v bwrap >/dev/null && [ -d /usr/share/fonts/truetype/dejavu ] || { apt-get update -qq && apt-get install -y -qq bubblewrap fonts-dejavu-core >/dev/null; }
+	@missing=""; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	[ -d /usr/share/fonts/truetype/dejavu ] || missing="$$missing fonts-dejavu-core"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 dev: $(VENV)/.installed system-deps
 	$(VENV)/bin/flux-dagster dev

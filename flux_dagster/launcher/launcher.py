@@ -37,7 +37,7 @@ from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLa
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 
-from flux_dagster.launcher.zygote import process_start_ticks
+from flux_dagster.launcher.worker_process import process_start_ticks
 
 logger = logging.getLogger(__name__)
 

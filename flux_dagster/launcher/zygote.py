@@ -26,19 +26,10 @@ import signal
 import sys
 import traceback
 
+from flux_dagster.launcher.worker_process import process_start_ticks
+
 # How often the zygote reaps finished run workers while no command arrives.
 REAP_INTERVAL_S = 0.2
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a pid from its reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return None if fields[0] == b"Z" else int(fields[19])
 
 
 def _execute_run(instance, run_id: str) -> int:

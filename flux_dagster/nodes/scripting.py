@@ -7,6 +7,8 @@ import json
 import re
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from flux_dagster.db.engine import session_scope
 from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import NodeOutcome, NodeTask, merge_node_data, persist_node_success
@@ -61,7 +63,9 @@ def console_text(response: ScriptResponse) -> str:
     return "\n".join(response.console)
 
 
-def persist_script_result(session, task: NodeTask, language: str, response: ScriptResponse, runner_name: str) -> None:
+def persist_script_result(
+    session: Session, task: NodeTask, language: str, response: ScriptResponse, runner_name: str
+) -> None:
     console = console_text(response)
     result = response.result
     persist_node_success(

@@ -148,14 +148,14 @@ class LocalSandboxRunner:
     def _run(self, argv: list[str], out, err, uid: int | None) -> bool:
         """Run bwrap to the end or to the timeout; True when it timed out."""
         ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
-        info_read, info_write = os.pipe()
+        info_read, info_write = os.pipe()  # bwrap tells the sandbox's host pid through it
         try:
             proc = subprocess.Popen([argv[0], "--info-fd", str(info_write), *argv[1:]], pass_fds=(info_write,),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={}, cwd="/",
                                     start_new_session=True, **ids)
         finally:
             os.close(info_write)
-        with open(info_read, "rb") as info:  # bwrap writes the sandbox's host pid, then closes it
+        with open(info_read, "rb") as info:  # written once the sandbox exists, then closed
             sandbox_pid = json.loads(info.read() or b"{}").get("child-pid")
         try:
             proc.wait(timeout=self.timeout_s)
@@ -167,7 +167,10 @@ class LocalSandboxRunner:
                 # Kill the namespace's PID 1: the kernel then kills every process in it before bwrap
                 # sees PID 1 exit, so nothing of the script outlives this call.
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(sandbox_pid, signal.SIGKILL) if sandbox_pid else os.killpg(proc.pid, signal.SIGKILL)
+                    if sandbox_pid:
+                        os.kill(sandbox_pid, signal.SIGKILL)
+                    else:  # bwrap failed before it started the sandbox
+                        os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
     def _response(self, stdout: bytes, stderr: bytes) -> ScriptResponse:

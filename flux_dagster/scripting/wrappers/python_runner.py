@@ -133,4 +133,5 @@ def main():
     real_stdout.flush()
 
 
-main()
+if __name__ == "__main__":
+    main()

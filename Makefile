@@ -26,5 +26,9 @@ dev: $(VENV)/.installed system-deps
 test: $(VENV)/.installed system-deps
 	$(VENV)/bin/pytest
 
+# psutil samples the processes; pgbouncer pools Postgres connections in the "ours" set-up.
+# BENCH_ARGS: e.g. --quick, --storage postgres (see bench/run.py).
 bench: $(VENV)/.installed system-deps
-	$(VENV)/bin/python -m bench.run
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
+	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)

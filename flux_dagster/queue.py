@@ -22,18 +22,29 @@ def enqueue(session: Session, **fields: Any) -> PendingExecution:
     return row
 
 
-def claim_batch(session: Session, limit: int, relaunch_after: timedelta) -> list[PendingExecution]:
+def _launchable(now, relaunch_after: timedelta):
+    return or_(
+        PendingExecution.status == "pending",
+        and_(PendingExecution.status == "launched", PendingExecution.launched_at < now - relaunch_after),
+    )
+
+
+def has_launchable(session: Session, relaunch_after: timedelta) -> bool:
+    """Whether ``claim_batch`` would find a row: one cheap indexed look, for the sensor's long poll."""
+    return session.scalar(select(PendingExecution.id).where(_launchable(utcnow(), relaunch_after)).limit(1)) is not None
+
+
+def claim_batch(session: Session, limit: int, relaunch_after: timedelta,
+                stale_ids: set[int] | None = None) -> list[PendingExecution]:
     """Pick up to ``limit`` rows to launch and mark them ``launched``.
 
     Order: the per-user rank first (each user's best row, then each user's second best, …), so one
     user's backlog cannot starve another's; then priority, then age. Rows left ``launched`` longer
-    than ``relaunch_after`` without a run starting are offered again: the run key makes that safe.
+    than ``relaunch_after`` without a run starting are offered again: the run key makes that safe;
+    their ids go into ``stale_ids`` when given. Rows another claimer holds are skipped (Postgres).
     """
     now = utcnow()
-    launchable = or_(
-        PendingExecution.status == "pending",
-        and_(PendingExecution.status == "launched", PendingExecution.launched_at < now - relaunch_after),
-    )
+    launchable = _launchable(now, relaunch_after)
     # Bound the window to the head of the queue so a 10,000-row backlog stays cheap to rank.
     head = (
         select(PendingExecution.id, PendingExecution.user_id, PendingExecution.priority)
@@ -51,8 +62,12 @@ def claim_batch(session: Session, limit: int, relaunch_after: timedelta) -> list
     ).all()
     if not ids:
         return []
-    rows = session.scalars(select(PendingExecution).where(PendingExecution.id.in_(ids))).all()
+    rows = session.scalars(
+        select(PendingExecution).where(PendingExecution.id.in_(ids), launchable).with_for_update(skip_locked=True)
+    ).all()
     for row in rows:
+        if stale_ids is not None and row.status == "launched":
+            stale_ids.add(row.id)
         row.status = "launched"
         row.launched_at = now
     order = {id_: i for i, id_ in enumerate(ids)}
@@ -118,6 +133,16 @@ def finish(session: Session, pending_id: int, dagster_run_id: str, status: str, 
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def cancel_requested_runs(session: Session) -> list[str]:
+    """Runs of node executions cancelled while running (agents stop cooperatively, between nodes)."""
+    return list(session.scalars(
+        select(PendingExecution.dagster_run_id).where(
+            PendingExecution.status == "running", PendingExecution.kind == "node",
+            PendingExecution.cancel_requested_at.is_not(None), PendingExecution.dagster_run_id.is_not(None),
+        )
+    ))
 
 
 def fail_unlaunchable(session: Session, row: PendingExecution, reason: str, status: str = "failed") -> None:

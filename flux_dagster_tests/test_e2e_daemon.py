@@ -237,3 +237,41 @@ def test_agent_runs_then_reexecution_from_failure_skips_completed_nodes(storage,
     assert set(node_states(exec_id).values()) == {"COMPLETED"}
     assert len([r for r in fake_llm.requests if r.path.endswith("/chat/completions")]) == 1
     assert len(fake_main_api.charges) == 1 and len(fake_main_api.calls("/worker/charge-tokens")) == 1
+
+
+def test_cancelling_a_running_node_execution_terminates_its_run(tmp_path, fake_llm):
+    """``cancel_requested_at`` on a running node row: the sensor terminates the run (as the UI's
+    Terminate does) and the row, node and notifications end CANCELLED, not FAILED."""
+    from sqlalchemy import update
+
+    from flux_dagster import demo
+    from flux_dagster.db.engine import create_schema
+    from flux_dagster.db.models import NodeExecution, utcnow
+
+    app_url = f"sqlite:///{tmp_path / 'app.db'}"
+    create_schema(app_url)
+    with session_scope(app_url) as s:
+        demo.seed(s)
+    fake_llm.latency_s = 60  # a provider that does not answer before the cancellation
+    flow_id, node_id = add_node(app_url, "commandTextNode", OPENAI_NODE)
+    env_extra = {"OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": f"{fake_llm.url}/v1"}
+    with deployment(tmp_path, app_url, env_extra) as env:
+        with session_scope(app_url) as s:
+            pending_id = queue.enqueue(s, kind="node", exec_id=str(uuid.uuid4()), flow_id=flow_id, node_id=node_id,
+                                       user_id="user-1").id
+        deadline = time.monotonic() + 120
+        while not [r for r in fake_llm.requests if r.path.endswith("/chat/completions")]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with session_scope(app_url) as s:
+            s.execute(update(PendingExecution).values(cancel_requested_at=utcnow()))
+        row = wait_terminal(app_url, [pending_id])[pending_id]
+        runs = runs_by_row(env)
+    assert row.status == "cancelled"
+    assert runs == {str(pending_id): ["CANCELED"]}
+    with session_scope(app_url) as s:
+        execution = s.scalar(select(NodeExecution).where(NodeExecution.nodeId == node_id))
+        assert execution.status == "CANCELLED"
+        assert s.scalar(select(ExecutionLog).where(ExecutionLog.isError)) is None
+        statuses = [list(n.payload["nodes"].values())[0]["status"] for n in s.scalars(select(StatusNotification))]
+    assert statuses == ["PENDING", "CANCELLED"]

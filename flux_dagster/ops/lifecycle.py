@@ -2,6 +2,7 @@
 
 
 from dagster import Config, HookContext, OpExecutionContext, Out, Output, failure_hook, op
+from dagster._core.errors import DagsterExecutionInterruptedError
 
 from flux_dagster import queue
 from flux_dagster.errors import UserConfigError
@@ -93,6 +94,8 @@ def node_execution_error(context: HookContext) -> None:
     from flux_dagster.execution import format_stack
 
     exc = context.op_exception
+    if isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)):
+        return  # terminated: the run-canceled sensor ends the execution as CANCELLED
     error = error_of(exc)
     failed = fail_execution(
         context.resources.app_db.url, context.resources.notifier.client(), int(pending_id), context.run_id,

@@ -1,11 +1,30 @@
-"""``pending_executions_sensor``: turns queued rows into runs, exactly one per row (run_key)."""
+"""``pending_executions_sensor``: turns queued rows into runs, exactly one per row (run_key).
+
+Dagster's sensor daemon evaluates sensors at most every 5 s (its loop floor). So that a row does
+not wait for the next loop, an evaluation long-polls: it returns as soon as a launchable row
+appears, or after ``LONG_POLL_S``. One evaluation per sensor can be in flight, and it returns once,
+so ``SHARDS`` identical sensors take turns (one polls at a time in the code server) and each loop
+can start up to ``SHARDS`` batches without delay. ``FLUX_SENSOR_LONG_POLL_S=0`` and
+``FLUX_SENSOR_SHARDS=1`` give back Dagster's plain cadence. See docs/performance.md.
+"""
 
 
 import os
+import threading
+import time
 from datetime import timedelta
 
-from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SkipReason, sensor
-from sqlalchemy import select
+from dagster import (
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SkipReason,
+    sensor,
+)
+from sqlalchemy import select, tuple_
 
 from flux_dagster import queue
 from flux_dagster.db.models import FlowNode, PendingExecution
@@ -16,6 +35,13 @@ from flux_dagster.resources import AppDatabase, NotifierResource
 
 BATCH_SIZE = int(os.environ.get("FLUX_SENSOR_BATCH_SIZE", "50"))
 RELAUNCH_AFTER = timedelta(seconds=int(os.environ.get("FLUX_RELAUNCH_AFTER_S", "120")))
+# Just under the daemon's 5 s loop, so an evaluation is over before the loop submits the next one.
+LONG_POLL_S = float(os.environ.get("FLUX_SENSOR_LONG_POLL_S", "4.5"))
+POLL_INTERVAL_S = float(os.environ.get("FLUX_SENSOR_POLL_INTERVAL_S", "0.05"))
+SHARDS = max(1, int(os.environ.get("FLUX_SENSOR_SHARDS", "3")))
+
+# One shard polls at a time; the others wait here to take over once it has returned its batch.
+_polling = threading.Lock()
 
 
 def run_key(row: PendingExecution) -> str:
@@ -47,24 +73,34 @@ def run_request_for(row: PendingExecution, node_type: str | None) -> RunRequest:
                       run_config={"ops": {first_op: {"config": config}}}, tags=tags)
 
 
-@sensor(
-    jobs=[process_single_node, process_agent],
-    minimum_interval_seconds=1,
-    default_status=DefaultSensorStatus.RUNNING,
-)
-def pending_executions_sensor(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource):
-    """A bounded, per-user-fair batch each tick; malformed rows fail alone with a clear error."""
+def _without_existing_runs(context: SensorEvaluationContext, rows: list[PendingExecution],
+                           stale_ids: set[int]) -> list[PendingExecution]:
+    """A row offered again (stale ``launched``) may already have a run that another shard
+    requested: run keys are per sensor, so look for its run by tag."""
+    if SHARDS == 1 or not stale_ids:
+        return rows
+    existing = context.instance.get_run_records(RunsFilter(tags={PENDING_EXECUTION_TAG: [str(i) for i in stale_ids]}))
+    started = {record.dagster_run.tags.get(PENDING_EXECUTION_TAG) for record in existing}
+    return [r for r in rows if str(r.id) not in started]
+
+
+def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource):
+    """A bounded, per-user-fair batch; malformed rows fail alone with a clear error."""
     requests: list[RunRequest] = []
     failed: list[tuple[PendingExecution, str]] = []
     with app_db.session() as session:
-        rows = queue.claim_batch(session, BATCH_SIZE, RELAUNCH_AFTER)
-        node_types = dict(
-            session.execute(
-                select(FlowNode.nodeId, FlowNode.type).where(
-                    FlowNode.nodeId.in_([r.node_id for r in rows if r.node_id])
+        stale_ids: set[int] = set()
+        rows = queue.claim_batch(session, BATCH_SIZE, RELAUNCH_AFTER, stale_ids)
+        rows = _without_existing_runs(context, rows, stale_ids)
+        node_types = {
+            (flow_id, node_id): node_type
+            for flow_id, node_id, node_type in session.execute(
+                select(FlowNode.flowId, FlowNode.nodeId, FlowNode.type).where(
+                    tuple_(FlowNode.flowId, FlowNode.nodeId).in_([(r.flow_id, r.node_id) for r in rows if r.node_id])
                 )
-            ).all()
-        ) if rows else {}
+            )
+        } if rows else {}
+        to_terminate = queue.cancel_requested_runs(session)
         for row in rows:
             if row.cancel_requested_at is not None:
                 queue.fail_unlaunchable(session, row, "Cancelled before it started.", status="cancelled")
@@ -74,7 +110,13 @@ def pending_executions_sensor(context: SensorEvaluationContext, app_db: AppDatab
                 queue.fail_unlaunchable(session, row, reason)
                 failed.append((row, reason))
                 continue
-            requests.append(run_request_for(row, node_types.get(row.node_id)))
+            requests.append(run_request_for(row, node_types.get((row.flow_id, row.node_id))))
+    for run_id in to_terminate:
+        # Same path as "Terminate" in the UI; the run-canceled sensor then ends the row once.
+        run = context.instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished and run.status != DagsterRunStatus.CANCELING:
+            context.log.info(f"terminating run {run_id}: its execution was cancelled")
+            context.instance.run_coordinator.cancel_run(run_id)
     for row, reason in failed:
         context.log.warning(f"pending execution {row.id} failed without a run: {reason}")
         if row.user_id and row.flow_id:
@@ -82,3 +124,40 @@ def pending_executions_sensor(context: SensorEvaluationContext, app_db: AppDatab
     if not requests:
         return SkipReason("No pending executions." if not failed else f"{len(failed)} malformed row(s) failed.")
     return requests
+
+
+def _evaluate(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource):
+    if LONG_POLL_S <= 0:
+        return _claim(context, app_db, notifier)
+    deadline = time.monotonic() + LONG_POLL_S
+    if not _polling.acquire(timeout=LONG_POLL_S):
+        return SkipReason("Another shard was polling the queue.")
+    try:
+        while time.monotonic() < deadline:
+            with app_db.session() as session:
+                if queue.has_launchable(session, RELAUNCH_AFTER):
+                    break
+            time.sleep(POLL_INTERVAL_S)
+        return _claim(context, app_db, notifier)
+    finally:
+        _polling.release()
+
+
+def _shard(name: str) -> SensorDefinition:
+    @sensor(
+        name=name,
+        jobs=[process_single_node, process_agent],
+        minimum_interval_seconds=1,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Turns pending_executions rows into runs; long-polls the queue (see module doc).",
+    )
+    def _pending_executions(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource):
+        return _evaluate(context, app_db, notifier)
+
+    return _pending_executions
+
+
+pending_executions_sensors = [
+    _shard("pending_executions_sensor" if i == 0 else f"pending_executions_sensor_{i}") for i in range(SHARDS)
+]
+pending_executions_sensor = pending_executions_sensors[0]

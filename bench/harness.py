@@ -63,14 +63,14 @@ def pg_url(database: str, port: int | None = None) -> str:
 
 
 @contextmanager
-def pgbouncer(workdir: Path):
+def pgbouncer():
     """A session-pooling pgbouncer in front of the machine's Postgres; yields its port.
 
     Session mode keeps LISTEN/NOTIFY working; it saves Postgres a backend fork per connection,
     and dagster-postgres opens a connection per storage call."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="flux-bench-pgbouncer-"))
     os.chmod(workdir, 0o777)  # pgbouncer refuses to run as root: it runs as postgres
     ini = workdir / "pgbouncer.ini"
     ini.write_text(
@@ -87,11 +87,8 @@ def pgbouncer(workdir: Path):
         wait_for_port(port, process, 15, ini)
         yield port, process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop(process)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def process_kind(proc: psutil.Process) -> str:
@@ -221,13 +218,14 @@ def deployment(mode: str, storage: str, env_extra: dict[str, str], use_pgbouncer
     config = REPO / ("dagster.yaml" if mode == "ours" else "bench/stock_dagster.yaml")
     shutil.copyfile(config, home / "dagster.yaml")
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)
         extra_roots: list[psutil.Process] = []
         if storage == "postgres":
             app_db = stack.enter_context(postgres_database("flux_bench_app"))
             dagster_db = stack.enter_context(postgres_database("flux_bench_dagster"))
             port = None
             if use_pgbouncer:
-                port, bouncer = stack.enter_context(pgbouncer(workdir / "pgbouncer"))
+                port, bouncer = stack.enter_context(pgbouncer())
                 extra_roots.append(psutil.Process(bouncer.pid))
             app_url, dagster_url = pg_url(app_db, port), pg_url(dagster_db, port)
             storage_env = {"DAGSTER_PG_URL": dagster_url}

@@ -207,3 +207,44 @@ def execute_agent(app_db_url: str, resources: dict, flow_id: str, *, instance=No
         instance=instance or DagsterInstance.ephemeral(), raise_on_error=False,
     )
     return Executed(result=result, pending_id=pending_id, exec_id=exec_id)
+
+
+def rows(url: str, model, **filters) -> list:
+    from sqlalchemy import select
+
+    from flux_dagster.db.engine import session_scope
+
+    with session_scope(url) as session:
+        return list(session.scalars(select(model).filter_by(**filters)))
+
+
+def node_data(url: str, node_id: str) -> Any:
+    from flux_dagster.db.models import FlowNode
+
+    return rows(url, FlowNode, nodeId=node_id)[0].data
+
+
+def execution(url: str, exec_id: str):
+    from flux_dagster.db.models import NodeExecution
+
+    found = rows(url, NodeExecution, execId=exec_id)
+    return found[0] if found else None
+
+
+def assert_failed(url: str, run: Executed, node_id: str, message: str) -> Any:
+    """The error path ran once: row failed with the message, one error log with the stack, one
+    FAILED notification, and the node (when its data could be read) says FAILED."""
+    from flux_dagster.db.models import ExecutionLog, PendingExecution, StatusNotification
+
+    assert not run.result.success
+    [row] = rows(url, PendingExecution, id=run.pending_id)
+    assert row.status == "failed" and message in row.error, row.error
+    [log] = rows(url, ExecutionLog, nodeId=node_id)
+    assert log.isError and message in log.message and "Traceback" in log.errorStack
+    failed = [n.payload["nodes"][node_id] for n in rows(url, StatusNotification, exec_id=run.exec_id)
+              if n.payload["nodes"].get(node_id, {}).get("status") == "FAILED"]
+    assert len(failed) == 1 and message in failed[0]["userMessage"]
+    data = node_data(url, node_id)
+    if isinstance(data, dict):
+        assert data["executionStatus"] == "FAILED" and message in data["errorMessage"]
+    return data

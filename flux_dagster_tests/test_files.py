@@ -14,10 +14,9 @@ import docx
 import httpx
 import pypdf
 import pytest
-from sqlalchemy import select
 
 from flux_dagster.db.engine import session_scope
-from flux_dagster.db.models import FlowNode, GeneratedFile, NodeExecution, PendingExecution
+from flux_dagster.db.models import GeneratedFile, NodeExecution, PendingExecution
 from flux_dagster.errors import IntegrationError, SystemError_, UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeOutcome, load_node
 from flux_dagster.files import render as render_module
@@ -27,7 +26,7 @@ from flux_dagster.files.store import LocalFileStore, S3FileStore
 from flux_dagster.nodes.display_box import run_display_box
 from flux_dagster.nodes.files import save_output_file
 from flux_dagster.ops.retries import RETRY_POLICIES
-from flux_dagster_tests.conftest import add_node, execute_node, make_resources
+from flux_dagster_tests.conftest import add_node, execute_node, make_resources, node_data, rows
 from flux_dagster_tests.fakes.http import LoopbackServer, Reply
 
 MARKDOWN = "# Report — Ωμέγα\n\nПривет, **world** ünïcödé.\n\n- first\n- second\n\n1. one\n\n```\ncode → here\n```\n"
@@ -44,16 +43,6 @@ def pdf_text(content: bytes) -> str:
 def file_path(src: str) -> Path:
     assert src.startswith("file://")
     return Path(url2pathname(urlparse(src).path))
-
-
-def rows(url, model, **filters):
-    with session_scope(url) as s:
-        return list(s.scalars(select(model).filter_by(**filters)))
-
-
-def node_data(url, node_id) -> dict:
-    [node] = rows(url, FlowNode, nodeId=node_id)
-    return node.data
 
 
 def step_events(run, event_type: str, step_key: str) -> list:

@@ -14,46 +14,23 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from flux_dagster.db.engine import session_scope
-from flux_dagster.db.models import ExecutionLog, FlowNode, NodeExecution, PendingExecution, TokenLedgerEntry
+from flux_dagster.db.models import TokenLedgerEntry
 from flux_dagster.errors import UserConfigError
 from flux_dagster.nodes import api_caller as ac
 from flux_dagster.nodes import counter, image_generator as ig, math_function as mf, sql_querier as sq
 from flux_dagster.nodes.netguard import AllowList, resolve_permitted
 from flux_dagster.ops.retries import RETRY_POLICIES
 from flux_dagster.resources import LlmResource
-from flux_dagster_tests.conftest import add_node, execute_node, make_resources
+from flux_dagster_tests.conftest import add_node, assert_failed, execute_node, execution, make_resources, node_data
 from flux_dagster_tests.fakes.http import LoopbackServer, Recorded, Reply
 
 LOOPBACK = "127.0.0.1/32"
 MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
-def node_data(url, node_id):
-    with session_scope(url) as s:
-        return s.scalar(select(FlowNode).where(FlowNode.nodeId == node_id)).data
-
-
-def execution(url, exec_id):
-    with session_scope(url) as s:
-        return s.scalar(select(NodeExecution).where(NodeExecution.execId == exec_id))
-
-
 def run_node(url, node_type, data, **resource_kw):
     flow_id, node_id = add_node(url, node_type, data)
     return execute_node(url, make_resources(url, **resource_kw), flow_id, node_id), node_id
-
-
-def assert_failed(url, run, node_id, message):
-    """Failed once, with the message on the pending row, the error log and the node."""
-    assert not run.result.success
-    with session_scope(url) as s:
-        row = s.get(PendingExecution, run.pending_id)
-        assert row.status == "failed" and message in row.error, row.error
-        [log] = s.scalars(select(ExecutionLog).where(ExecutionLog.nodeId == node_id)).all()
-        assert log.isError and message in log.message
-    data = node_data(url, node_id)
-    assert data["executionStatus"] == "FAILED" and message in data["errorMessage"]
-    return data
 
 
 # ----- math function ---------------------------------------------------------------------------

@@ -5,22 +5,15 @@ import json
 import threading
 
 import pytest
-from sqlalchemy import select
 
-from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import (
     ExecutionLog, FlowNode, NodeExecution, PendingExecution, StatusNotification, TokenLedgerEntry,
 )
 from flux_dagster.ops.retries import RETRY_POLICIES
-from flux_dagster_tests.conftest import add_node, execute_node, make_resources
+from flux_dagster_tests.conftest import add_node, assert_failed, execute_node, make_resources, rows
 
 OPENAI_NODE = {"AiSystem": "openai", "aiModel": "gpt-4o-mini", "persona": "Be brief.", "prompt": "Say hi.",
                "aiTemperature": 0.5, "label": "Greeter"}
-
-
-def rows(url, model, **filters):
-    with session_scope(url) as s:
-        return list(s.scalars(select(model).filter_by(**filters)))
 
 
 def statuses(url, exec_id):
@@ -103,21 +96,11 @@ def test_rate_limit_is_retried_by_dagster_and_charged_once(app_db_url, fake_llm,
     assert len(fake_main_api.calls("/worker/charge-tokens")) == 1
 
 
-def _assert_failed_once(url, run, node_id, message):
-    assert not run.result.success
-    [row] = rows(url, PendingExecution, id=run.pending_id)
-    assert row.status == "failed" and message in row.error
-    [log] = rows(url, ExecutionLog, nodeId=node_id)
-    assert log.isError and message in log.message and "Traceback" in log.errorStack
-    failed = [s for s in statuses(url, run.exec_id) if s[node_id]["status"] == "FAILED"]
-    assert len(failed) == 1 and message in failed[0][node_id]["userMessage"]
-
-
 def test_provider_bad_request_is_not_retried(app_db_url, fake_llm, fake_main_api):
     fake_llm.failures = [400]
     flow_id, node_id = add_node(app_db_url, "commandTextNode", OPENAI_NODE)
     run = execute_node(app_db_url, make_resources(app_db_url, llm_url=fake_llm.url, main_api=fake_main_api), flow_id, node_id)
-    _assert_failed_once(app_db_url, run, node_id, "HTTP 400")
+    assert_failed(app_db_url, run, node_id, "HTTP 400")
     assert len(llm_calls(fake_llm)) == 1
     assert fake_main_api.calls("/worker/charge-tokens") == []
     [execution] = rows(app_db_url, NodeExecution, execId=run.exec_id)
@@ -130,7 +113,7 @@ def test_persistent_server_errors_exhaust_the_retries_then_fail_once(app_db_url,
     fake_llm.failures = [503] * attempts
     flow_id, node_id = add_node(app_db_url, "commandTextNode", OPENAI_NODE)
     run = execute_node(app_db_url, make_resources(app_db_url, llm_url=fake_llm.url), flow_id, node_id)
-    _assert_failed_once(app_db_url, run, node_id, "HTTP 503")
+    assert_failed(app_db_url, run, node_id, "HTTP 503")
     assert len(llm_calls(fake_llm)) == attempts
 
 
@@ -138,7 +121,7 @@ def test_no_model_access_is_a_user_error_before_any_generation(app_db_url, fake_
     fake_main_api.denied_models.add("gpt-4o-mini")
     flow_id, node_id = add_node(app_db_url, "commandTextNode", OPENAI_NODE)
     run = execute_node(app_db_url, make_resources(app_db_url, llm_url=fake_llm.url, main_api=fake_main_api), flow_id, node_id)
-    _assert_failed_once(app_db_url, run, node_id, "No access to gpt-4o-mini")
+    assert_failed(app_db_url, run, node_id, "No access to gpt-4o-mini")
     assert len(fake_main_api.calls("/worker/validate-model-access")) == 1
     assert llm_calls(fake_llm) == []
 
@@ -173,7 +156,7 @@ def test_charge_retries_keep_one_idempotency_key(app_db_url, fake_llm, fake_main
 def test_bad_nodes_fail_alone_with_a_clear_message(app_db_url, node_type, data, message):
     flow_id, node_id = add_node(app_db_url, node_type, data)
     run = execute_node(app_db_url, make_resources(app_db_url), flow_id, node_id)
-    _assert_failed_once(app_db_url, run, node_id, message)
+    assert_failed(app_db_url, run, node_id, message)
 
 
 def test_missing_node_fails_with_a_clear_message(app_db_url):

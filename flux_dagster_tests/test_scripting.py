@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from flux_dagster.db.engine import session_scope
-from flux_dagster.db.models import ExecutionLog, FlowNode, NodeExecution, PendingExecution
+from flux_dagster.db.models import PendingExecution
 from flux_dagster.errors import ExecutionTimeoutError, ProviderError, SystemError_, UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeTask
 from flux_dagster.nodes import scripting as sc
@@ -21,7 +20,7 @@ from flux_dagster.scripting import ScriptResponse
 from flux_dagster.scripting.lambda_runner import LambdaRunner
 from flux_dagster.scripting.resource import ScriptRunnerResource
 from flux_dagster.scripting.sandbox import SANDBOX_UID_BASE, LocalSandboxRunner
-from flux_dagster_tests.conftest import add_node, execute_node, make_resources
+from flux_dagster_tests.conftest import add_node, assert_failed, execute_node, execution, make_resources, node_data
 from flux_dagster_tests.fakes.http import LoopbackServer, Reply
 from flux_dagster_tests.fakes.lambda_api import FakeLambda, api_error, function_error
 
@@ -117,16 +116,6 @@ def task_for(url, data) -> NodeTask:
     flow_id, node_id = add_node(url, "scripting", data)
     request = ExecutionRequest(exec_id="exec-1", flow_id=flow_id, user_id="user-1", node_id=node_id)
     return NodeTask(request=request, node_id=node_id, node_type="scripting", data=data)
-
-
-def node_data(url, node_id):
-    with session_scope(url) as s:
-        return s.scalar(select(FlowNode).where(FlowNode.nodeId == node_id)).data
-
-
-def execution(url, exec_id):
-    with session_scope(url) as s:
-        return s.scalar(select(NodeExecution).where(NodeExecution.execId == exec_id))
 
 
 def test_run_scripting_writes_result_and_console(app_db_url):
@@ -489,18 +478,6 @@ def run_script_node(url, data, **resources):
 def attempts(run) -> int:
     return sum(1 for e in run.result.all_events
                if e.event_type_value in ("STEP_START", "STEP_RESTARTED") and e.step_key == "scripting")
-
-
-def assert_failed(url, run, node_id, message):
-    assert not run.result.success
-    with session_scope(url) as s:
-        row = s.get(PendingExecution, run.pending_id)
-        assert row.status == "failed" and message in row.error, row.error
-        [log] = s.scalars(select(ExecutionLog).where(ExecutionLog.nodeId == node_id)).all()
-        assert log.isError and message in log.message
-    data = node_data(url, node_id)
-    assert data["executionStatus"] == "FAILED" and message in data["errorMessage"]
-    return data
 
 
 def test_python_node_end_to_end(app_db_url):

@@ -64,6 +64,7 @@ class Zygote:
         self.commands, self.replies = commands, replies
         self.children: dict[int, str] = {}
         self.instance = None
+        self._pending = b""
 
     def reply(self, **message) -> None:
         self.replies.write(json.dumps(message) + "\n")
@@ -90,7 +91,7 @@ class Zygote:
             try:
                 os.setsid()  # its own process group: a signal for the run reaches its subprocesses
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                self.commands.close()
+                os.close(self.commands)
                 self.replies.close()
                 code = _execute_run(self.instance, run_id)
             except BaseException:  # noqa: BLE001 - report anything, then leave without the zygote's cleanup
@@ -115,15 +116,26 @@ class Zygote:
             if run_id is not None:
                 self.reply(exited=run_id, pid=pid, returncode=os.waitstatus_to_exitcode(status))
 
+    def read_lines(self) -> list[str] | None:
+        """The complete lines available on stdin, None at its end. Reads the fd directly: a
+        buffered reader would keep lines that arrived together where select() cannot see them."""
+        chunk = os.read(self.commands, 65536)
+        if not chunk:
+            return None
+        self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        return [line.decode() for line in lines if line]
+
     def serve(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self.commands, selectors.EVENT_READ)
         while True:
             if selector.select(REAP_INTERVAL_S):
-                line = self.commands.readline()
-                if not line:
+                lines = self.read_lines()
+                if lines is None:
                     break
-                self.fork_run_worker(json.loads(line)["launch"])
+                for line in lines:
+                    self.fork_run_worker(json.loads(line)["launch"])
             self.reap()
         self.reap(block=True)
 
@@ -131,7 +143,7 @@ class Zygote:
 def main() -> None:
     # stdout carries the protocol: keep it private so that prints (imports, runs) go to stderr.
     replies = os.fdopen(os.dup(1), "w")
-    commands = os.fdopen(os.dup(0), "r")
+    commands = os.dup(0)
     os.dup2(2, 1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -140,7 +152,12 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     zygote = Zygote(commands, replies)
     try:
-        zygote.load(json.loads(commands.readline()))
+        lines = None
+        while not lines:
+            lines = zygote.read_lines()
+            if lines is None:
+                raise SystemExit(0)
+        zygote.load(json.loads(lines[0]))
     except BaseException:  # noqa: BLE001 - anything that stops loading is the launcher's error to show
         zygote.reply(error=traceback.format_exc())
         raise SystemExit(1)

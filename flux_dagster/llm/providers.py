@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,9 +91,22 @@ def _anthropic_client(api_key: str, base_url: str | None, timeout_s: float):
     return anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s)
 
 
-def _openai_generate(request: GenerationRequest, creds: ProviderCredentials, timeout_s: float) -> Generation:
+@contextmanager
+def openai_errors(company: str) -> Iterator[None]:
+    """The openai SDK's exceptions as the worker's error classes (retryable or not)."""
     import openai
 
+    try:
+        yield
+    except openai.APITimeoutError as exc:
+        raise ExecutionTimeoutError(f"{company} did not answer in time.") from exc
+    except openai.APIStatusError as exc:
+        raise provider_error_from_status(company, exc.status_code, _detail(exc)) from exc
+    except openai.APIConnectionError as exc:
+        raise ProviderError(f"{company} could not be reached.", retryable=True) from exc
+
+
+def _openai_generate(request: GenerationRequest, creds: ProviderCredentials, timeout_s: float) -> Generation:
     o = request.options
     params: dict[str, Any] = {
         "model": request.model,
@@ -112,16 +127,10 @@ def _openai_generate(request: GenerationRequest, creds: ProviderCredentials, tim
         extra["top_k"] = o.top_k
     if o.search_context_size and request.company == "perplexity":
         extra["web_search_options"] = {"search_context_size": o.search_context_size}
-    try:
+    with openai_errors(request.company):
         completion = _openai_client(creds.api_key, creds.base_url, timeout_s).chat.completions.create(
             **params, extra_body=extra or None
         )
-    except openai.APITimeoutError as exc:
-        raise ExecutionTimeoutError(f"{request.company} did not answer in time.") from exc
-    except openai.APIStatusError as exc:
-        raise provider_error_from_status(request.company, exc.status_code, _detail(exc)) from exc
-    except openai.APIConnectionError as exc:
-        raise ProviderError(f"{request.company} could not be reached.", retryable=True) from exc
     choice = completion.choices[0] if completion.choices else None
     usage = completion.usage
     message = choice.message if choice else None

@@ -23,7 +23,7 @@ from flux_dagster.errors import ExecutionTimeoutError, ProviderError, UserConfig
 from flux_dagster.execution import NodeOutcome, NodeTask, persist_node_success
 from flux_dagster.files.render import safe_name
 from flux_dagster.files.store import FileStore
-from flux_dagster.llm.providers import LlmClient, ProviderCredentials, _detail, _openai_client
+from flux_dagster.llm.providers import LlmClient, ProviderCredentials, _openai_client, openai_errors
 from flux_dagster.nodes.fields import Sessions, as_text, edge_texts
 from flux_dagster.services.main_api import MainApi, TokenCharge
 
@@ -190,19 +190,11 @@ def _download(url: str, timeout_s: float) -> bytes:
 
 
 def _openai_image(spec: ImageSpec, creds: ProviderCredentials, timeout_s: float) -> bytes:
-    import openai
-
     params: dict[str, Any] = {"model": spec.model, "prompt": spec.prompt, "n": 1, "size": spec.size}
     if spec.model.startswith("dall-e"):  # the GPT image models always answer in base64 and refuse this
         params["response_format"] = "b64_json"
-    try:
+    with openai_errors("openai"):
         response = _openai_client(creds.api_key, creds.base_url, timeout_s).images.generate(**params)
-    except openai.APITimeoutError as exc:
-        raise ExecutionTimeoutError("openai did not return the image in time.") from exc
-    except openai.APIStatusError as exc:
-        raise provider_error_from_status("openai", exc.status_code, _detail(exc)) from exc
-    except openai.APIConnectionError as exc:
-        raise ProviderError("openai could not be reached.", retryable=True) from exc
     item = response.data[0] if response.data else None
     if item is not None and item.b64_json:
         try:

@@ -2,27 +2,16 @@
 
 import re
 
-from dagster import Config, DynamicOut, DynamicOutput, Failure, OpExecutionContext, op
+from dagster import DynamicOut, DynamicOutput, Failure, OpExecutionContext, op
 
 from flux_dagster import agent, queue
 from flux_dagster.execution import ExecutionRequest
 from flux_dagster.files.resource import FileStoreResource
 from flux_dagster.node_types import NODE_TYPES, NodeServices
+from flux_dagster.ops.lifecycle import ExecutionParams
 from flux_dagster.ops.retries import RETRY_POLICIES, node_errors
 from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, NotifierResource
 from flux_dagster.scripting.resource import ScriptRunnerResource
-
-
-class AgentExecutionConfig(Config):
-    """The agent execution's parameters, set by the sensor from the ``pending_executions`` row."""
-
-    pending_execution_id: int
-    exec_id: str
-    flow_id: str
-    user_id: str
-    session_id: str | None = None
-    flow_version_history_id: str | None = None
-    run_id: str | None = None
 
 
 def mapping_key(node: agent.AgentNode) -> str:
@@ -32,7 +21,7 @@ def mapping_key(node: agent.AgentNode) -> str:
 
 
 @op(out=DynamicOut(agent.AgentNode), retry_policy=RETRY_POLICIES["get_info_in_database"])
-def load_flow(context: OpExecutionContext, config: AgentExecutionConfig, app_db: AppDatabase):
+def load_flow(context: OpExecutionContext, config: ExecutionParams, app_db: AppDatabase):
     """Load and validate the whole graph before any node runs."""
     request = ExecutionRequest(kind="agent", **config.model_dump())
     with node_errors():

@@ -18,17 +18,23 @@ NODE_BRANCHES: dict[str, str] = {node_type: spec.branch for node_type, spec in N
 PENDING_EXECUTION_TAG = "flux/pending_execution_id"
 
 
-class ExecutionConfig(Config):
-    """The execution's workflow parameters, set by the sensor from the ``pending_executions`` row."""
+class ExecutionParams(Config):
+    """An execution's workflow parameters, set by the sensor from the ``pending_executions`` row
+    (an agent execution's: the flow, no node)."""
 
     pending_execution_id: int
     exec_id: str
     flow_id: str
     user_id: str
-    node_id: str
     session_id: str | None = None
     flow_version_history_id: str | None = None
     run_id: str | None = None
+
+
+class ExecutionConfig(ExecutionParams):
+    """A node execution's parameters."""
+
+    node_id: str
 
 
 @op(retry_policy=RETRY_POLICIES["notify_status"])

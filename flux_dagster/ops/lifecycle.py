@@ -2,14 +2,13 @@
 
 
 from dagster import Config, HookContext, OpExecutionContext, Out, Output, failure_hook, op
-from dagster._core.errors import DagsterExecutionInterruptedError
 
 from flux_dagster import queue
 from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeOutcome, NodeTask, load_node, start_node_execution, write_execution_log
-from flux_dagster.failures import fail_execution
+from flux_dagster.failures import cancel_execution, fail_execution
 from flux_dagster.node_types import NODE_TYPES
-from flux_dagster.ops.retries import RETRY_POLICIES, error_of, node_errors
+from flux_dagster.ops.retries import CANCELLED_MESSAGE, RETRY_POLICIES, error_of, node_errors, was_interrupted
 from flux_dagster.resources import AppDatabase, NotifierResource
 
 # Stored node type → the branch (op) that runs it; a type missing there fails with a clear message.
@@ -100,8 +99,10 @@ def node_execution_error(context: HookContext) -> None:
     from flux_dagster.execution import format_stack
 
     exc = context.op_exception
-    if isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)):
-        return  # terminated: the run-canceled sensor ends the execution as CANCELLED
+    if was_interrupted(exc):  # terminated (UI, or cancel_requested_at): cancelled, not failed
+        cancel_execution(context.resources.app_db.url, context.resources.notifier.client(), int(pending_id),
+                         context.run_id, CANCELLED_MESSAGE)
+        return
     error = error_of(exc)
     failed = fail_execution(
         context.resources.app_db.url, context.resources.notifier.client(), int(pending_id), context.run_id,

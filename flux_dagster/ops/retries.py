@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from dagster import Backoff, Failure, Jitter, RetryPolicy
+from dagster._core.errors import DagsterExecutionInterruptedError
 
 from flux_dagster.errors import FluxError, classify
+
+CANCELLED_MESSAGE = "The execution was cancelled."
 
 # Tests shrink the delays; production keeps the table's seconds.
 _DELAY_SCALE = float(os.environ.get("FLUX_RETRY_DELAY_SCALE", "1"))
@@ -51,6 +54,9 @@ def node_errors() -> Iterator[None]:
     """Classify whatever the body raises: retryable errors go to the RetryPolicy, others stop."""
     try:
         yield
+    except DagsterExecutionInterruptedError as exc:
+        # A terminated run: Dagster would retry an interrupted step that has a RetryPolicy.
+        raise Failure(description=CANCELLED_MESSAGE, allow_retries=False) from exc
     except Failure:
         raise
     except Exception as exc:
@@ -73,3 +79,10 @@ def error_of(exc: BaseException | None) -> FluxError:
     if isinstance(exc, Failure):
         return classify(RuntimeError(exc.description or "Step failed"))
     return classify(exc or RuntimeError("Unknown error in the run"))
+
+
+def was_interrupted(exc: BaseException | None) -> bool:
+    """Whether a step failed because its run was terminated (not because its work failed)."""
+    return isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)) or (
+        isinstance(exc, Failure) and isinstance(exc.__cause__, DagsterExecutionInterruptedError)
+    )

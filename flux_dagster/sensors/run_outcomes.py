@@ -9,6 +9,7 @@ from dagster import (
 from flux_dagster.errors import SystemError_
 from flux_dagster.failures import cancel_execution, fail_execution
 from flux_dagster.ops.lifecycle import PENDING_EXECUTION_TAG
+from flux_dagster.ops.retries import CANCELLED_MESSAGE
 from flux_dagster.resources import AppDatabase, NotifierResource
 
 
@@ -30,6 +31,5 @@ def execution_run_canceled_sensor(context: RunStatusSensorContext, app_db: AppDa
     pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
     if pending_id is None:
         return SkipReason("Not an execution run.")
-    cancel_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id,
-                     "The execution was cancelled.")
+    cancel_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id, CANCELLED_MESSAGE)
     return None

@@ -140,6 +140,20 @@ def tree_cpu(roots: list[psutil.Process]) -> float:
     return total
 
 
+def tree_cpu_by_kind(roots: list[psutil.Process]) -> dict[str, float]:
+    """``tree_cpu`` split by process kind; time of reaped run workers goes to "run worker" (they
+    are the only children the zygote and the stock code server reap while running)."""
+    totals: dict[str, float] = defaultdict(float)
+    for proc in tree(roots):
+        try:
+            kind, t = process_kind(proc), proc.cpu_times()
+        except psutil.Error:
+            continue
+        totals[kind] += t.user + t.system
+        totals["run worker" if kind in ("zygote", "code server") else kind] += t.children_user + t.children_system
+    return totals
+
+
 def postgres_roots() -> list[psutil.Process]:
     """The machine's postmaster (its backends are its children)."""
     roots = []
@@ -162,6 +176,7 @@ class Sampler:
     peak_total_rss: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     worker_uss: list[float] = field(default_factory=list)
     peak_workers: int = 0
+    peak_workers_uss: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
@@ -171,7 +186,7 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             totals: dict[str, float] = defaultdict(float)
-            workers = 0
+            workers, workers_uss = 0, 0.0
             for proc in tree(self.roots):
                 try:
                     kind = process_kind(proc)
@@ -179,6 +194,7 @@ class Sampler:
                     if kind == "run worker":
                         workers += 1
                         self.worker_uss.append(proc.memory_full_info().uss / 2**20)
+                        workers_uss += self.worker_uss[-1]
                 except psutil.Error:
                     continue
                 self.peak_rss[kind] = max(self.peak_rss[kind], rss)
@@ -186,12 +202,14 @@ class Sampler:
             for kind, total in totals.items():
                 self.peak_total_rss[kind] = max(self.peak_total_rss[kind], total)
             self.peak_workers = max(self.peak_workers, workers)
+            self.peak_workers_uss = max(self.peak_workers_uss, workers_uss)
 
     def reset(self) -> None:
         self.peak_rss.clear()
         self.peak_total_rss.clear()
         self.worker_uss.clear()
         self.peak_workers = 0
+        self.peak_workers_uss = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -236,7 +254,8 @@ def deployment(mode: str, storage: str, env_extra: dict[str, str], use_pgbouncer
         (workdir / "workspace.yaml").write_text(
             f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {grpc_port}\n      location_name: flux_dagster\n"
         )
-        stock_sensor = {"FLUX_SENSOR_LONG_POLL_S": "0", "FLUX_SENSOR_SHARDS": "1"} if mode == "stock" else {}
+        stock_sensor = ({"FLUX_SENSOR_LONG_POLL_S": "0", "FLUX_SENSOR_SHARDS": "1", "FLUX_SENSOR_MAX_QUEUED_RUNS": "0"}
+                        if mode == "stock" else {})
         env = {**os.environ, "DAGSTER_HOME": str(home), "FLUX_DATABASE_URL": app_url, "FLUX_HOME": str(workdir),
                "DAGSTER_TELEMETRY_DISABLED": "1", **storage_env, **stock_sensor, **env_extra}
         log_path = workdir / "deployment.log"

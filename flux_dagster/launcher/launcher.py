@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 PID_TAG = "flux/run_worker_pid"
 HOST_TAG = "flux/run_worker_host"
 START_TAG = "flux/run_worker_start_ticks"
+# Exit statuses kept per zygote for health checks; older runs fall back to the /proc check.
+KEEP_EXITS = 10_000
 
 
 class _Zygote:
@@ -87,6 +89,8 @@ class _Zygote:
                 elif "exited" in message:
                     self.live.pop(message["exited"], None)
                     self.exits[message["exited"]] = message["returncode"]
+                    if len(self.exits) > KEEP_EXITS:  # the oldest first: monitoring is long done with them
+                        del self.exits[next(iter(self.exits))]
                 self._reply_arrived.notify_all()
         with self._lock:
             self._ready = self._ready or {"error": "the zygote exited"}
@@ -122,9 +126,11 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         preload_modules: Sequence[str] | None = None,
         start_timeout_seconds: float = 120,
         cancel_poll_interval_seconds: float = 1.0,
+        pool_connections: bool = True,
     ):
         self._inst_data = inst_data
         self.preload_modules = list(preload_modules or [])
+        self.pool_connections = pool_connections
         self.start_timeout_seconds = start_timeout_seconds
         self.cancel_poll_interval_seconds = cancel_poll_interval_seconds
         self._lock = threading.Lock()
@@ -149,6 +155,11 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             "start_timeout_seconds": Field(
                 float, is_required=False, default_value=120.0,
                 description="How long a new zygote may take to import and load the code location.",
+            ),
+            "pool_connections": Field(
+                bool, is_required=False, default_value=True,
+                description="Run workers keep their storage connections in a small pool for the run "
+                "(Postgres), instead of one new connection per event.",
             ),
             "cancel_poll_interval_seconds": Field(
                 Noneable(float), is_required=False, default_value=1.0,
@@ -184,6 +195,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 "instance_ref": serialize_value(self._instance.get_ref()),
                 "repository_origin": serialize_value(origin),
                 "preload_modules": self.preload_modules,
+                "pool_connections": self.pool_connections,
             }
             zygote = _Zygote(setup, getattr(origin.code_pointer, "working_directory", None), self.start_timeout_seconds)
             self._zygotes[key] = zygote

@@ -6,13 +6,13 @@ one run worker per run: a fork of an idle, single-threaded, fully imported inter
 milliseconds and shares its memory pages with this process until it writes to them.
 
 Each run worker executes its run exactly as ``dagster api execute_run`` does (the command Dagster's
-own container launchers start), then exits. The zygote itself never runs user code beyond imports.
+own container launchers start), then exits. The zygote itself never executes runs.
 
 Protocol, one JSON object per line. In on stdin: first ``{"instance_ref", "repository_origin",
-"preload_modules"}``, then ``{"launch": run_id}``. Out on the original stdout: ``{"ready": true}``
-or ``{"error": text}`` once, then ``{"started": run_id, "pid", "start_ticks"}`` per launch and
-``{"exited": run_id, "pid", "returncode"}`` per run worker reaped (negative: killed by that signal).
-End of stdin: stop launching, wait for the run workers, exit.
+"preload_modules", "pool_connections"}``, then ``{"launch": run_id}``. Out on the original stdout:
+``{"ready": true}`` or ``{"error": text}`` once, then ``{"started": run_id, "pid", "start_ticks"}``
+per launch and ``{"exited": run_id, "pid", "returncode"}`` per run worker reaped (negative: killed
+by that signal). End of stdin: stop launching, wait for the run workers, exit.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import selectors
 import signal
 import sys
+import threading
 import traceback
 
 from flux_dagster.launcher.worker_process import process_start_ticks
@@ -32,13 +33,18 @@ from flux_dagster.launcher.worker_process import process_start_ticks
 REAP_INTERVAL_S = 0.2
 
 
-def _execute_run(instance, run_id: str) -> int:
+def _execute_run(instance, run_id: str, pool_connections: bool) -> int:
     """Body of the run worker: what ``dagster api execute_run`` does for one run."""
     from dagster._core.events import EngineEventData
     from dagster._grpc.impl import core_execute_run
     from dagster._utils.hosted_user_process import recon_job_from_origin
     from dagster._utils.interrupts import capture_interrupts
 
+    if pool_connections:
+        # The storage's pooled mode (the one dagster-webserver turns on): a run writes ~100
+        # events, and without it dagster-postgres opens a new connection for each. No statement
+        # timeout, as in the default mode. A no-op on SQLite.
+        instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=2)
     with capture_interrupts():
         run = instance.get_run_by_id(run_id)
         if run is None or run.job_code_origin is None:
@@ -56,6 +62,7 @@ def _execute_run(instance, run_id: str) -> int:
             failed = True
         finally:
             instance.report_engine_event(f"Process for run exited (pid: {pid}).", run)
+            instance.dispose()  # closes pooled connections before the worker's os._exit
     return 1 if failed else 0
 
 
@@ -64,7 +71,9 @@ class Zygote:
         self.commands, self.replies = commands, replies
         self.children: dict[int, str] = {}
         self.instance = None
+        self.pool_connections = True
         self._pending = b""
+        self._warned_threads = False
 
     def reply(self, **message) -> None:
         self.replies.write(json.dumps(message) + "\n")
@@ -80,20 +89,23 @@ class Zygote:
         origin = deserialize_value(setup["repository_origin"])
         recon_repository_from_origin(origin).get_definition()
         self.instance = DagsterInstance.from_ref(deserialize_value(setup["instance_ref"]))
+        self.pool_connections = setup.get("pool_connections", True)
 
     def fork_run_worker(self, run_id: str) -> None:
-        # Objects that exist now are never collected in the run worker, so it does not write to
-        # (and so copy) the pages it shares with the zygote just to scan them.
+        if threading.active_count() > 1 and not self._warned_threads:
+            self._warned_threads = True
+            print("run zygote: a thread is running; forking anyway, but run workers may hang", file=sys.stderr)
+        # Without this, the run worker's first full collection walks (and so copies) every object
+        # it shares with the zygote: ~100 MB private per worker instead of ~35 MB (bench/).
         gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.setsid()  # its own process group: a signal for the run reaches its subprocesses
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.close(self.commands)
                 self.replies.close()
-                code = _execute_run(self.instance, run_id)
+                code = _execute_run(self.instance, run_id, self.pool_connections)
             except BaseException:  # noqa: BLE001 - report anything, then leave without the zygote's cleanup
                 traceback.print_exc()
             finally:

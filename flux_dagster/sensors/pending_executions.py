@@ -4,8 +4,10 @@ Dagster's sensor daemon evaluates sensors at most every 5 s (its loop floor). So
 not wait for the next loop, an evaluation long-polls: it returns as soon as a launchable row
 appears, or after ``LONG_POLL_S``. One evaluation per sensor can be in flight, and it returns once,
 so ``SHARDS`` identical sensors take turns (one polls at a time in the code server) and each loop
-can start up to ``SHARDS`` batches without delay. ``FLUX_SENSOR_LONG_POLL_S=0`` and
-``FLUX_SENSOR_SHARDS=1`` give back Dagster's plain cadence. See docs/performance.md.
+can start up to ``SHARDS`` batches without delay. Rows are claimed only while Dagster's run queue
+holds fewer than ``MAX_QUEUED_RUNS`` runs, so a backlog waits here, not in the run queue.
+``FLUX_SENSOR_LONG_POLL_S=0``, ``FLUX_SENSOR_SHARDS=1`` and ``FLUX_SENSOR_MAX_QUEUED_RUNS=0`` give
+back Dagster's plain cadence. See docs/performance.md.
 """
 
 
@@ -15,6 +17,7 @@ import time
 from datetime import timedelta
 
 from dagster import (
+    DagsterInvariantViolationError,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -39,6 +42,9 @@ RELAUNCH_AFTER = timedelta(seconds=int(os.environ.get("FLUX_RELAUNCH_AFTER_S", "
 LONG_POLL_S = float(os.environ.get("FLUX_SENSOR_LONG_POLL_S", "4.5"))
 POLL_INTERVAL_S = float(os.environ.get("FLUX_SENSOR_POLL_INTERVAL_S", "0.05"))
 SHARDS = max(1, int(os.environ.get("FLUX_SENSOR_SHARDS", "3")))
+# Claim rows only while Dagster's run queue holds fewer QUEUED runs than this (0: no limit).
+MAX_QUEUED_RUNS = int(os.environ.get("FLUX_SENSOR_MAX_QUEUED_RUNS", "32"))
+QUEUE_FULL_POLL_S = 0.5
 
 # One shard polls at a time; the others wait here to take over once it has returned its batch.
 _polling = threading.Lock()
@@ -84,13 +90,25 @@ def _without_existing_runs(context: SensorEvaluationContext, rows: list[PendingE
     return [r for r in rows if str(r.id) not in started]
 
 
-def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource):
+def _room_in_run_queue(context: SensorEvaluationContext) -> int:
+    """How many rows to claim now. A backlog waits in pending_executions (cheap, and fair at claim
+    time) rather than as thousands of QUEUED runs, which the run queue daemon rescans every second."""
+    if MAX_QUEUED_RUNS <= 0:
+        return BATCH_SIZE
+    try:
+        queued = context.instance.get_runs_count(RunsFilter(statuses=[DagsterRunStatus.QUEUED]))
+    except DagsterInvariantViolationError:  # a test context without an instance
+        return BATCH_SIZE
+    return max(0, min(BATCH_SIZE, MAX_QUEUED_RUNS - queued))
+
+
+def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource, limit: int):
     """A bounded, per-user-fair batch; malformed rows fail alone with a clear error."""
     requests: list[RunRequest] = []
     failed: list[tuple[PendingExecution, str]] = []
     with app_db.session() as session:
         stale_ids: set[int] = set()
-        rows = queue.claim_batch(session, BATCH_SIZE, RELAUNCH_AFTER, stale_ids)
+        rows = queue.claim_batch(session, limit, RELAUNCH_AFTER, stale_ids) if limit else []
         rows = _without_existing_runs(context, rows, stale_ids)
         node_types = {
             (flow_id, node_id): node_type
@@ -128,17 +146,24 @@ def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: Noti
 
 def _evaluate(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource):
     if LONG_POLL_S <= 0:
-        return _claim(context, app_db, notifier)
+        return _claim(context, app_db, notifier, _room_in_run_queue(context))
     deadline = time.monotonic() + LONG_POLL_S
     if not _polling.acquire(timeout=LONG_POLL_S):
         return SkipReason("Another shard was polling the queue.")
     try:
+        room, waiting = 0, False
         while time.monotonic() < deadline:
             with app_db.session() as session:
-                if queue.has_launchable(session, RELAUNCH_AFTER):
+                waiting = queue.has_launchable(session, RELAUNCH_AFTER)
+            if waiting:
+                room = _room_in_run_queue(context)
+                if room:
                     break
-            time.sleep(POLL_INTERVAL_S)
-        return _claim(context, app_db, notifier)
+            time.sleep(QUEUE_FULL_POLL_S if waiting else POLL_INTERVAL_S)
+        result = _claim(context, app_db, notifier, room)
+        if waiting and not room and isinstance(result, SkipReason):
+            return SkipReason(f"Dagster's run queue holds {MAX_QUEUED_RUNS} runs: rows wait in pending_executions.")
+        return result
     finally:
         _polling.release()
 

@@ -37,13 +37,10 @@ from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLa
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 
-from flux_dagster.launcher.worker_process import process_start_ticks
+from flux_dagster.launcher.worker_process import HOST_TAG, PID_TAG, START_TAG, process_start_ticks
 
 logger = logging.getLogger(__name__)
 
-PID_TAG = "flux/run_worker_pid"
-HOST_TAG = "flux/run_worker_host"
-START_TAG = "flux/run_worker_start_ticks"
 # Exit statuses kept per zygote for health checks; older runs fall back to the /proc check.
 KEEP_EXITS = 10_000
 
@@ -204,12 +201,8 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
-        started = self._zygote_for(run, context).launch(run.run_id, timeout_s=30)
-        self._instance.add_run_tags(run.run_id, {
-            PID_TAG: str(started["pid"]),
-            HOST_TAG: self._hostname,
-            START_TAG: str(started["start_ticks"] or ""),
-        })
+        # The worker tags the run with its pid and host itself, before the run starts.
+        self._zygote_for(run, context).launch(run.run_id, timeout_s=30)
 
     # --- monitoring and termination ---------------------------------------------------------------
 
@@ -241,7 +234,9 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         pid_tag = run.tags.get(PID_TAG)
         if not pid_tag:
-            return CheckRunHealthResult(WorkerStatus.NOT_FOUND, "The run has no run worker recorded.")
+            # Our workers tag the run before it starts: this one was launched otherwise (e.g.
+            # before this launcher was configured). Nothing to judge it by; max runtime still applies.
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "Not started by WarmRunLauncher.")
         if run.tags.get(HOST_TAG) != self._hostname:
             return CheckRunHealthResult(
                 WorkerStatus.UNKNOWN, f"The run worker ran on host {run.tags.get(HOST_TAG)}, not on this one."

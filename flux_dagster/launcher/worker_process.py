@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
+# Run tags naming the run worker, written by the worker itself before the run starts.
+PID_TAG = "flux/run_worker_pid"
+HOST_TAG = "flux/run_worker_host"
+START_TAG = "flux/run_worker_start_ticks"
+
 
 def process_start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), to tell a pid from its reuse.
@@ -13,3 +20,7 @@ def process_start_ticks(pid: int) -> int | None:
         return None
     fields = stat[stat.rindex(b")") + 2 :].split()
     return None if fields[0] == b"Z" else int(fields[19])
+
+
+def worker_tags(pid: int) -> dict[str, str]:
+    return {PID_TAG: str(pid), HOST_TAG: socket.gethostname(), START_TAG: str(process_start_ticks(pid) or "")}

@@ -10,7 +10,7 @@ own container launchers start), then exits. The zygote itself never executes run
 
 Protocol, one JSON object per line. In on stdin: first ``{"instance_ref", "repository_origin",
 "preload_modules", "pool_connections"}``, then ``{"launch": run_id}``. Out on the original stdout:
-``{"ready": true}`` or ``{"error": text}`` once, then ``{"started": run_id, "pid", "start_ticks"}``
+``{"ready": true}`` or ``{"error": text}`` once, then ``{"started": run_id, "pid"}``
 per launch and ``{"exited": run_id, "pid", "returncode"}`` per run worker reaped (negative: killed
 by that signal). End of stdin: stop launching, wait for the run workers, exit.
 """
@@ -27,7 +27,7 @@ import sys
 import threading
 import traceback
 
-from flux_dagster.launcher.worker_process import process_start_ticks
+from flux_dagster.launcher.worker_process import worker_tags
 
 # How often the zygote reaps finished run workers while no command arrives.
 REAP_INTERVAL_S = 0.2
@@ -51,6 +51,8 @@ def _execute_run(instance, run_id: str, pool_connections: bool) -> int:
             print(f"run worker: run {run_id} not found or without a code origin", file=sys.stderr)
             return 1
         pid = os.getpid()
+        # Before the run can be STARTED, so that run monitoring always finds its worker.
+        instance.add_run_tags(run_id, worker_tags(pid))
         instance.report_engine_event(
             f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
         )
@@ -113,7 +115,7 @@ class Zygote:
                 sys.stderr.flush()
                 os._exit(code)
         self.children[pid] = run_id
-        self.reply(started=run_id, pid=pid, start_ticks=process_start_ticks(pid))
+        self.reply(started=run_id, pid=pid)
 
     def reap(self, block: bool = False) -> None:
         while self.children:

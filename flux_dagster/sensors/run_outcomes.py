@@ -6,6 +6,7 @@ from dagster import (
     run_failure_sensor, run_status_sensor,
 )
 
+from flux_dagster.db.models import PendingExecution
 from flux_dagster.errors import SystemError_
 from flux_dagster.failures import cancel_execution, fail_execution
 from flux_dagster.ops.lifecycle import PENDING_EXECUTION_TAG
@@ -13,11 +14,20 @@ from flux_dagster.ops.retries import CANCELLED_MESSAGE
 from flux_dagster.resources import AppDatabase, NotifierResource
 
 
+def _superseded(app_db: AppDatabase, pending_id: int, run_id: str) -> bool:
+    """A newer run (a re-execution) already owns the row: a late reaction must not overwrite it."""
+    with app_db.session() as session:
+        row = session.get(PendingExecution, pending_id)
+        return row is not None and row.dagster_run_id not in (None, run_id)
+
+
 @run_failure_sensor(default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=5)
 def execution_run_failure_sensor(context: RunFailureSensorContext, app_db: AppDatabase, notifier: NotifierResource):
     pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
     if pending_id is None:
         return SkipReason("Not an execution run.")
+    if _superseded(app_db, int(pending_id), context.dagster_run.run_id):
+        return SkipReason("A newer run owns this execution.")
     message = context.failure_event.message or "The run failed."
     error = SystemError_("The execution stopped unexpectedly; it can be re-executed.", dev_message=message)
     if fail_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id, error, message):
@@ -31,5 +41,7 @@ def execution_run_canceled_sensor(context: RunStatusSensorContext, app_db: AppDa
     pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
     if pending_id is None:
         return SkipReason("Not an execution run.")
+    if _superseded(app_db, int(pending_id), context.dagster_run.run_id):
+        return SkipReason("A newer run owns this execution.")
     cancel_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id, CANCELLED_MESSAGE)
     return None

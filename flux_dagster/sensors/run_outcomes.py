@@ -14,23 +14,27 @@ from flux_dagster.ops.retries import CANCELLED_MESSAGE
 from flux_dagster.resources import AppDatabase, NotifierResource
 
 
-def _superseded(app_db: AppDatabase, pending_id: int, run_id: str) -> bool:
-    """A newer run (a re-execution) already owns the row: a late reaction must not overwrite it."""
+def _owned_pending_id(context: RunStatusSensorContext, app_db: AppDatabase) -> int | SkipReason:
+    """The row this run executes, unless a newer run (a re-execution) already owns it: a late
+    reaction to an old run must not overwrite what the newer run wrote."""
+    pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
+    if pending_id is None:
+        return SkipReason("Not an execution run.")
     with app_db.session() as session:
-        row = session.get(PendingExecution, pending_id)
-        return row is not None and row.dagster_run_id not in (None, run_id)
+        row = session.get(PendingExecution, int(pending_id))
+        if row is not None and row.dagster_run_id not in (None, context.dagster_run.run_id):
+            return SkipReason("A newer run owns this execution.")
+    return int(pending_id)
 
 
 @run_failure_sensor(default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=5)
 def execution_run_failure_sensor(context: RunFailureSensorContext, app_db: AppDatabase, notifier: NotifierResource):
-    pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
-    if pending_id is None:
-        return SkipReason("Not an execution run.")
-    if _superseded(app_db, int(pending_id), context.dagster_run.run_id):
-        return SkipReason("A newer run owns this execution.")
+    pending_id = _owned_pending_id(context, app_db)
+    if isinstance(pending_id, SkipReason):
+        return pending_id
     message = context.failure_event.message or "The run failed."
     error = SystemError_("The execution stopped unexpectedly; it can be re-executed.", dev_message=message)
-    if fail_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id, error, message):
+    if fail_execution(app_db.url, notifier.client(), pending_id, context.dagster_run.run_id, error, message):
         context.log.info(f"pending execution {pending_id} failed by the run-failure sensor")
     return None
 
@@ -38,10 +42,8 @@ def execution_run_failure_sensor(context: RunFailureSensorContext, app_db: AppDa
 @run_status_sensor(run_status=DagsterRunStatus.CANCELED, default_status=DefaultSensorStatus.RUNNING,
                    minimum_interval_seconds=5)
 def execution_run_canceled_sensor(context: RunStatusSensorContext, app_db: AppDatabase, notifier: NotifierResource):
-    pending_id = context.dagster_run.tags.get(PENDING_EXECUTION_TAG)
-    if pending_id is None:
-        return SkipReason("Not an execution run.")
-    if _superseded(app_db, int(pending_id), context.dagster_run.run_id):
-        return SkipReason("A newer run owns this execution.")
-    cancel_execution(app_db.url, notifier.client(), int(pending_id), context.dagster_run.run_id, CANCELLED_MESSAGE)
+    pending_id = _owned_pending_id(context, app_db)
+    if isinstance(pending_id, SkipReason):
+        return pending_id
+    cancel_execution(app_db.url, notifier.client(), pending_id, context.dagster_run.run_id, CANCELLED_MESSAGE)
     return None

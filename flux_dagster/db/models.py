@@ -163,6 +163,10 @@ class PendingExecution(OwnBase):
     session_id: Mapped[str | None] = mapped_column(String(255))
     flow_version_history_id: Mapped[str | None] = mapped_column(String(64))
     run_id: Mapped[str | None] = mapped_column(String(64))
+    # The client socket that receives the text generator's streamed answer (reference §2.1).
+    socket_id: Mapped[str | None] = mapped_column(String(255))
+    # A row's own input: the delivery plan of a ``delivery`` row.
+    payload: Mapped[dict[str, Any] | None] = mapped_column(Json)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -192,16 +196,23 @@ class TokenLedgerEntry(OwnBase):
     output_tokens: Mapped[int] = mapped_column(Integer)
     # pending: recorded before the main API call; charged: the main API (or local ledger) took it.
     state: Mapped[str] = mapped_column(String(16), default="pending")
+    # The provider reported no usage: the worker counted the tokens itself.
+    estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class StatusNotification(OwnBase):
-    """Status notifications recorded where an operator can see them when no Redis is configured."""
+    """Status notifications: recorded here when no Redis is configured, and kept here (the outbox)
+    while a configured Redis is unreachable, until they are published (``published_at``)."""
 
     __tablename__ = "status_notifications"
+    __table_args__ = (Index("ix_status_notifications_unpublished", "published_at", "id"),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     room: Mapped[str] = mapped_column(String(255), index=True)
     exec_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    node_id: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str | None] = mapped_column(String(16))
     payload: Mapped[dict[str, Any]] = mapped_column(Json)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,11 +1,13 @@
 """Loopback LLM servers speaking the OpenAI Chat Completions and Anthropic Messages wire formats.
 
-``failures`` is a queue of HTTP statuses to answer first (429, 500, 400…), then normal answers.
+``failures`` is a queue of HTTP statuses to answer first (429, 500, 400…), then normal answers;
+``outage()`` (from the base) fails every request for a while; ``latency_s`` can change at runtime.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 from flux_dagster_tests.fakes.http import LoopbackServer, Recorded, Reply
@@ -19,6 +21,11 @@ class FakeLlm(LoopbackServer):
         self.text, self.input_tokens, self.output_tokens, self.latency_s = text, input_tokens, output_tokens, latency_s
         self.failures: list[int] = []
         super().__init__(self._handle)
+
+    def generations(self, marker: str) -> list[Recorded]:
+        """Completion requests whose body mentions ``marker`` (a prompt names its execution)."""
+        return [r for r in self.requests if r.path.endswith(("/chat/completions", "/messages"))
+                and marker in json.dumps(r.body)]
 
     def _error(self, status: int, anthropic: bool) -> Reply:
         if anthropic:

@@ -108,7 +108,7 @@ class Deployment:
     def start_code_server(self) -> None:
         self.code_server = self._spawn(BIN / "dagster", "code-server", "start", "-m", "flux_dagster.definitions",
                                        "-h", "127.0.0.1", "-p", str(self.port))
-        wait_for_port(self.port, self.code_server, 90, self.log_path)
+        wait_for_port(self.port, self.code_server, 180, self.log_path)
 
     def start_daemon(self) -> None:
         self.daemon = self._spawn(BIN / "dagster-daemon", "run", "-w", self.workspace)
@@ -146,19 +146,24 @@ class Deployment:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for process in (self.daemon, self.code_server):
+        for process in (self.webserver, self.daemon, self.code_server):
             if process is not None:
                 process.wait(20)
 
     def stop(self) -> None:
-        for process in (self.webserver, self.daemon, self.code_server):
-            if process is not None and process.poll() is None:
+        """SIGTERM, up to 20 s in all to exit, then SIGKILL to whatever is left (orphaned zygotes
+        and run workers included)."""
+        processes = [p for p in (self.webserver, self.daemon, self.code_server) if p is not None]
+        for process in processes:
+            if process.poll() is None:
                 process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        self.kill_all()  # orphaned zygotes and run workers
+        deadline = time.monotonic() + 20
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_all()
         self._log.close()
 
 

@@ -5,12 +5,13 @@ at the end of the session and written to bench/results/faults.md."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from flux_dagster_tests.faults.harness import Outcome, World
+from flux_dagster_tests.faults.harness import FULL, Outcome, World
 from flux_dagster_tests.faults.services import PrivatePostgres
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "faults.md"
@@ -27,23 +28,35 @@ def private_pg():
         pg.stop()
 
 
+LOGS = RESULTS.parent / "faults-logs"
+
+
+def _keep_log(world: World, name: str) -> None:
+    """The deployment's log of each scenario, for whoever reads a failure afterwards."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    if world.deployment.log_path.exists():
+        shutil.copyfile(world.deployment.log_path, LOGS / f"{name}.log")
+
+
 @pytest.fixture
-def world(private_pg, tmp_path):
+def world(private_pg, tmp_path, request):
     running = World(private_pg, tmp_path)
     try:
         yield running
     finally:
         running.close()
+        _keep_log(running, request.node.name)
 
 
 @pytest.fixture(scope="module")
-def shared_world(private_pg, tmp_path_factory):
+def shared_world(private_pg, tmp_path_factory, request):
     """One deployment for a module's scenarios that break nothing but their own execution."""
     running = World(private_pg, tmp_path_factory.mktemp("world"))
     try:
         yield running
     finally:
         running.close()
+        _keep_log(running, request.module.__name__.rsplit(".", 1)[-1])
 
 
 @pytest.fixture
@@ -88,8 +101,9 @@ def pytest_terminal_summary(terminalreporter):
     body = (f"# Fault injection ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"commit {os.popen('git rev-parse --short HEAD 2>/dev/null').read().strip() or '?'})\n\n"
             + table(outcomes) + "\n" + ("\nWhy a goal does not hold:\n\n" + "\n".join(notes) + "\n" if notes else ""))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(body)
     terminalreporter.write_sep("=", "fault table")
     terminalreporter.write_line(body)
-    terminalreporter.write_line(f"(written to {RESULTS})")
+    if FULL:  # the CI subset's small bursts do not overwrite the last `make faults` table
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(body)
+        terminalreporter.write_line(f"(written to {RESULTS})")

@@ -24,6 +24,8 @@ from flux_dagster_tests.fakes.main_api import FakeMainApi
 from flux_dagster_tests.faults.services import PrivatePostgres, PrivateRedis
 
 USER = "user-faults"
+HARNESS = "flux-faults-harness"
+STATUS_ORDER = {"PENDING": 0, "RUNNING": 1}  # then COMPLETED, FAILED or CANCELLED
 # `make faults` runs the issue's full burst sizes; the CI subset runs small ones.
 FULL = os.environ.get("FLUX_FAULTS_FULL") == "1"
 
@@ -69,8 +71,11 @@ class World:
         self._stack = ExitStack()
         self.pg = pg
         self.app_url = self._stack.enter_context(postgres_database(pg.admin_url))
+        # The suite's own connections are named, so terminating the worker's spares them.
+        self.harness_url = f"{self.app_url}?application_name={HARNESS}"
         self.dagster_url = self._stack.enter_context(postgres_database(pg.admin_url))
         self._stack.callback(lambda: get_engine(self.app_url).dispose())
+        self._stack.callback(lambda: get_engine(self.harness_url).dispose())
         create_schema(self.app_url)
         with session_scope(self.app_url) as s:
             demo.seed(s)
@@ -80,7 +85,7 @@ class World:
         self._stack.callback(self.redis.stop)
         self.redis.start()
         self.flow_id = str(uuid.uuid4())
-        with session_scope(self.app_url) as s:
+        with session_scope(self.harness_url) as s:
             s.add(Flow(id=self.flow_id, name="faults", userId=USER))
         env = {
             "DAGSTER_PG_URL": self.dagster_url, "REDIS_URL": self.redis.url,
@@ -109,7 +114,7 @@ class World:
         """``n`` nodes, one per execution; a text generator's prompt names its node, so the fake
         LLM can count generations per execution."""
         ids = [f"n-{uuid.uuid4().hex[:10]}" for _ in range(n)]
-        with session_scope(self.app_url) as s:
+        with session_scope(self.harness_url) as s:
             for node_id in ids:
                 node_data = data if data is not None else {
                     "AiSystem": "openai", "aiModel": "gpt-4o-mini", "prompt": f"Say hi. [{node_id}]"}
@@ -119,7 +124,7 @@ class World:
     def enqueue(self, node_ids: list[str], kind: str = "node") -> list[Execution]:
         """One transaction: the whole burst appears at once, as the main API inserts it."""
         out = []
-        with session_scope(self.app_url) as s:
+        with session_scope(self.harness_url) as s:
             for node_id in node_ids:
                 exec_id = str(uuid.uuid4())
                 row = queue.enqueue(s, kind=kind, exec_id=exec_id, flow_id=self.flow_id, node_id=node_id,
@@ -132,7 +137,7 @@ class World:
 
     def cancel(self, execution: Execution) -> str:
         """Request cancellation as the main API does; returns the row's status at that moment."""
-        with session_scope(self.app_url) as s:
+        with session_scope(self.harness_url) as s:
             return s.execute(
                 update(PendingExecution).where(PendingExecution.id == execution.pending_id)
                 .values(cancel_requested_at=utcnow()).returning(PendingExecution.status)
@@ -145,8 +150,9 @@ class World:
         try:
             with admin.connect() as conn:
                 return len(conn.execute(text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
-                ), {"d": name}).all())
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = :d AND application_name <> :harness AND pid <> pg_backend_pid()"
+                ), {"d": name, "harness": HARNESS}).all())
         finally:
             admin.dispose()
 
@@ -154,11 +160,11 @@ class World:
 
     def rows(self, executions: list[Execution]) -> dict[int, PendingExecution]:
         ids = [e.pending_id for e in executions]
-        with session_scope(self.app_url) as s:
+        with session_scope(self.harness_url) as s:
             return {r.id: r for r in s.scalars(select(PendingExecution).where(PendingExecution.id.in_(ids)))}
 
     def node_execution(self, execution: Execution) -> NodeExecution | None:
-        with session_scope(self.app_url) as s:
+        with session_scope(self.harness_url) as s:
             return s.scalar(select(NodeExecution).where(NodeExecution.execId == execution.exec_id,
                                                         NodeExecution.nodeId == execution.node_id))
 
@@ -201,9 +207,14 @@ class World:
                 if m["payload"].get("execId") == execution.exec_id and execution.node_id in m["payload"]["nodes"]]
 
     def _unnotified(self, executions: list[Execution], rows: dict[int, PendingExecution]) -> list[Execution]:
-        """Terminal rows whose last notification is not their final status."""
-        return [e for e in executions if rows[e.pending_id].status in TERMINAL
-                and (self.notified(e) or ["-"])[-1] != rows[e.pending_id].status.upper()]
+        """Terminal rows whose last notification is not their final status, or whose statuses
+        were published out of order (PENDING, RUNNING, then the final one)."""
+        def wrong(e: Execution) -> bool:
+            published = self.notified(e) or ["-"]
+            ranks = [STATUS_ORDER.get(s, 2) for s in published]
+            return published[-1] != rows[e.pending_id].status.upper() or ranks != sorted(ranks)
+
+        return [e for e in executions if rows[e.pending_id].status in TERMINAL and wrong(e)]
 
     def outcome(self, fault: str, executions: list[Execution], drain_s: float | None,
                 notify_grace_s: float = 30) -> Outcome:

@@ -26,13 +26,13 @@ def _run(world, report, fault: str, node_type: str, data, *, pre_create_node_exe
     if pre_create_node_execution:
         # The main API creates the execution's node_executions row (RUNNING) before queueing it.
         exec_id = str(uuid.uuid4())
-        with session_scope(world.app_url) as s:
+        with session_scope(world.harness_url) as s:
             s.add(NodeExecution(execId=exec_id, flowId=world.flow_id, nodeId=node_id, type=node_type,
                                 status="RUNNING", isError=False))
         from flux_dagster import queue
         from flux_dagster_tests.faults.harness import USER, Execution
 
-        with session_scope(world.app_url) as s:
+        with session_scope(world.harness_url) as s:
             row = queue.enqueue(s, kind="node", exec_id=exec_id, flow_id=world.flow_id, node_id=node_id,
                                 user_id=USER, session_id="faults")
             execution = Execution(row.id, exec_id, node_id)
@@ -48,7 +48,7 @@ def _user_facing_errors(world, execution) -> list[str]:
     node_execution = world.node_execution(execution)
     if node_execution is not None:
         texts.append(node_execution.output or "")
-    with session_scope(world.app_url) as s:
+    with session_scope(world.harness_url) as s:
         texts += [log.message for log in s.scalars(select(ExecutionLog).where(ExecutionLog.nodeId == execution.node_id))]
     texts += [m["payload"]["nodes"][execution.node_id].get("userMessage") or "" for m in world.redis.messages
               if m["payload"].get("execId") == execution.exec_id]

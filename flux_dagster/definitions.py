@@ -1,5 +1,6 @@
 from dagster import Definitions
 
+from flux_dagster.jobs.deliver_run_outputs import deliver_run_outputs
 from flux_dagster.jobs.process_agent import process_agent
 from flux_dagster.jobs.process_single_node import process_single_node
 from flux_dagster.jobs.requeue_failed_executions import requeue_failed_executions
@@ -8,7 +9,7 @@ from flux_dagster.sensors.pending_executions import pending_executions_sensors
 from flux_dagster.sensors.run_outcomes import execution_run_canceled_sensor, execution_run_failure_sensor
 
 defs = Definitions(
-    jobs=[process_single_node, process_agent, requeue_failed_executions],
+    jobs=[process_single_node, process_agent, requeue_failed_executions, deliver_run_outputs],
     sensors=[*pending_executions_sensors, execution_run_failure_sensor, execution_run_canceled_sensor],
     resources=build_resources(),
 )

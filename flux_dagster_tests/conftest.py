@@ -91,7 +91,7 @@ def make_resources(app_db_url: str, *, llm_url: str | None = None, main_api=None
     import tempfile
 
     from flux_dagster.files.resource import FileStoreResource
-    from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, NotifierResource
+    from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, MediaApisResource, NotifierResource
     from flux_dagster.scripting.resource import ScriptRunnerResource
 
     database = AppDatabase(url=app_db_url)
@@ -109,6 +109,7 @@ def make_resources(app_db_url: str, *, llm_url: str | None = None, main_api=None
         "llm": llm,
         "file_store": FileStoreResource(local_root=tempfile.mkdtemp(prefix="flux-files-")),
         "script_runner": ScriptRunnerResource(mode="local"),
+        "media_apis": MediaApisResource(),
         **extra,
     }
 

@@ -4,6 +4,7 @@ of the node's type visible as steps (the others show as skipped)."""
 from dagster import in_process_executor, job
 
 from flux_dagster.ops.api_caller import api_caller
+from flux_dagster.ops.audio_transcriber import audio_transcriber
 from flux_dagster.ops.counter import counter
 from flux_dagster.ops.files import display_box, generate_file
 from flux_dagster.ops.image_generator import charge_image_credits, image_generator
@@ -33,7 +34,9 @@ def process_single_node():
     sql_done = sql_querier(branches.sql_querier)
     script_done = scripting(branches.scripting)
     image_done = charge_image_credits(branches.image_generator, image_generator(branches.image_generator))
+    audio_done = audio_transcriber(branches.audio_transcriber)
 
     notify_status_completed(generate_execution_logs([
         text_done, display_box(branches.display_box), api_done, math_done, counter_done, sql_done, image_done, script_done,
+        audio_done,
     ]))

@@ -43,6 +43,7 @@ RETRY_POLICIES: dict[str, RetryPolicy] = {
     "sql_querier": _policy(3, 2.0),
     "image_generator": _policy(3, 2.0),
     "charge_image_credits": _policy(5, 1.0),
+    "audio_transcriber": _policy(3, 2.0),
     "generate_execution_logs": _policy(2, 0.5),
     # process_agent: a node's whole stage chain, retried inside its step (see agent.retrying).
     "agent_node": _policy(3, 1.0),

@@ -4,6 +4,7 @@ large plans), and the job in-process from a ``delivery`` row to its terminal sta
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import uuid
@@ -22,14 +23,14 @@ from flux_dagster.delivery.plan import DeliveryPlan, Email, parse_plan, plan_key
 from flux_dagster.delivery.resource import DeliveryResource
 from flux_dagster.delivery.run import EmailDone, callback_withheld, email_once
 from flux_dagster.errors import UserConfigError
-from flux_dagster.nodes.netguard import AllowList
+from flux_dagster.delivery.egress import EgressPolicy
 from flux_dagster.ops.retries import RETRY_POLICIES, delivery_retry_delay
 from flux_dagster_tests.fakes.callbacks import CallbackReceiver
 from flux_dagster_tests.fakes.http import Reply
 from flux_dagster_tests.fakes.smtp import FakeSmtp
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-NO_ALLOW = AllowList(frozenset(), ())
+OFF, REPORT, ENFORCE = (EgressPolicy(frozenset(), (), mode) for mode in ("off", "report", "enforce"))
 
 
 def plan(**fields) -> dict:
@@ -141,19 +142,30 @@ def test_callback_statuses_are_classified(receiver):
     outcomes = []
     for _ in range(4):
         with pytest.raises(DeliveryFailure) as info:
-            post_callback(f"{receiver.url}/hook", {"x": 1}, "dlv_1", mode="off", allow=NO_ALLOW)
+            post_callback(f"{receiver.url}/hook", {"x": 1}, "dlv_1", OFF)
         outcomes.append((info.value.code, info.value.retryable, info.value.retry_after_s))
     assert outcomes == [("HTTP_503", True, None), ("HTTP_429", True, 3.0), ("HTTP_400", False, None),
                         ("HTTP_302", False, None)]
-    assert post_callback(f"{receiver.url}/hook", {"x": 1}, "dlv_1", mode="off", allow=NO_ALLOW) == 200
+    assert post_callback(f"{receiver.url}/hook", {"x": 1}, "dlv_1", OFF) == 200
     assert {r.headers[DELIVERY_ID_HEADER.lower()] for r in receiver.calls("/hook")} == {"dlv_1"}
     assert "/hook" not in str(outcomes) and receiver.calls("/hook")[-1].body == {"x": 1}
+
+
+def test_callback_redirects_are_followed_through_the_guard(receiver):
+    receiver.script["/hook"] = [Reply(307, {}, {"Location": "/moved"})]
+    assert post_callback(f"{receiver.url}/hook", {"x": 1}, "dlv_r", OFF) == 200
+    [moved] = receiver.calls("/moved")
+    assert moved.method == "POST" and moved.body == {"x": 1} and moved.headers["x-fluxprompt-delivery-id"] == "dlv_r"
+    receiver.script["/loop"] = [Reply(307, {}, {"Location": "/loop"})] * 6
+    with pytest.raises(DeliveryFailure) as info:
+        post_callback(f"{receiver.url}/loop", {}, "dlv", OFF)
+    assert (info.value.code, info.value.retryable) == ("REDIRECT", False)
 
 
 def test_callback_to_something_that_is_not_a_url_or_a_closed_port(receiver):
     for value in ("not a url", "ftp://h.example/x", "javascript:alert(1)"):
         with pytest.raises(DeliveryFailure) as info:
-            post_callback(value, {}, "dlv", mode="report", allow=NO_ALLOW)
+            post_callback(value, {}, "dlv", REPORT)
         assert (info.value.code, info.value.retryable) == ("INVALID_URL", False)
     import socket
 
@@ -161,24 +173,24 @@ def test_callback_to_something_that_is_not_a_url_or_a_closed_port(receiver):
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}/x"
     with pytest.raises(DeliveryFailure) as info:
-        post_callback(closed, {}, "dlv", mode="off", allow=NO_ALLOW)
+        post_callback(closed, {}, "dlv", OFF)
     assert (info.value.code, info.value.retryable) == ("CONNECTION", True)
 
 
 def test_egress_guard_modes(receiver, caplog):
     url = f"{receiver.url}/hook"
     with pytest.raises(DeliveryFailure) as info:
-        post_callback(url, {}, "dlv", mode="enforce", allow=NO_ALLOW)
+        post_callback(url, {}, "dlv", ENFORCE)
     assert (info.value.code, info.value.retryable) == ("EGRESS_REFUSED", False)
     assert receiver.calls("/hook") == []
     with caplog.at_level(logging.WARNING, logger="flux_dagster.delivery.egress"):
-        assert post_callback(url, {}, "dlv", mode="report", allow=NO_ALLOW) == 200
+        assert post_callback(url, {}, "dlv", REPORT) == 200
     assert "egress_would_refuse host=127.0.0.1" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="flux_dagster.delivery.egress"):
-        assert post_callback(url, {}, "dlv", mode="off", allow=NO_ALLOW) == 200
-        loopback = AllowList(frozenset(), (__import__("ipaddress").ip_network("127.0.0.0/8"),))
-        assert post_callback(url, {}, "dlv", mode="enforce", allow=loopback) == 200  # pinned to the checked address
+        assert post_callback(url, {}, "dlv", OFF) == 200
+        loopback = EgressPolicy(frozenset(), (ipaddress.ip_network("127.0.0.0/8"),), "enforce")
+        assert post_callback(url, {}, "dlv", loopback) == 200  # pinned to the checked address
     assert "egress_would_refuse" not in caplog.text and len(receiver.calls("/hook")) == 3
 
 
@@ -201,7 +213,7 @@ def test_email_with_attachment_arrives_over_smtp(smtp, receiver, tmp_path):
     email = Email(to=["ana@example.com"], cc=["bo@example.com"], bcc=["audit@example.com"], subject="Run done",
                   text="Hello Ana", html="<p>Hello Ana</p>",
                   attachments=[{"name": "report.txt", "url": f"{receiver.url}/files/report.txt"}])
-    assert send_email(email, smtp_settings(smtp, tmp_path), "dlv_mail", mode="report", allow=NO_ALLOW) == {}
+    assert send_email(email, smtp_settings(smtp, tmp_path), "dlv_mail", REPORT) == {}
     [received] = smtp.messages
     assert sorted(received.recipients) == ["ana@example.com", "audit@example.com", "bo@example.com"]
     message = received.message
@@ -219,14 +231,14 @@ def test_attachments_missing_or_too_large_fail_without_sending(smtp, receiver, t
     receiver.files["/files/big.bin"] = b"x" * 5000
     attachments = lambda path: Email(to=["ana@example.com"], attachments=[{"name": "f", "url": f"{receiver.url}{path}"}])  # noqa: E731
     with pytest.raises(DeliveryFailure) as info:
-        send_email(attachments("/files/gone.txt"), smtp_settings(smtp, tmp_path), "d", mode="off", allow=NO_ALLOW)
+        send_email(attachments("/files/gone.txt"), smtp_settings(smtp, tmp_path), "d", OFF)
     assert (info.value.code, info.value.retryable) == ("ATTACHMENT_HTTP_404", False)
     monkeypatch.setattr(email_module, "MAX_ATTACHMENT_BYTES", 4096)
     with pytest.raises(DeliveryFailure) as info:
-        send_email(attachments("/files/big.bin"), smtp_settings(smtp, tmp_path), "d", mode="off", allow=NO_ALLOW)
+        send_email(attachments("/files/big.bin"), smtp_settings(smtp, tmp_path), "d", OFF)
     assert (info.value.code, info.value.retryable) == ("ATTACHMENT_TOO_LARGE", False)
     with pytest.raises(DeliveryFailure) as info:
-        send_email(attachments("/files/big.bin"), smtp_settings(smtp, tmp_path), "d", mode="enforce", allow=NO_ALLOW)
+        send_email(attachments("/files/big.bin"), smtp_settings(smtp, tmp_path), "d", ENFORCE)
     assert info.value.code == "EGRESS_REFUSED"
     assert smtp.messages == []
 
@@ -234,11 +246,11 @@ def test_attachments_missing_or_too_large_fail_without_sending(smtp, receiver, t
 def test_some_recipients_refused_counts_as_sent_all_refused_fails(smtp, tmp_path):
     smtp.refuse = {"gone@example.com"}
     email = Email(to=["ana@example.com", "gone@example.com"], subject="s", text="t")
-    assert send_email(email, smtp_settings(smtp, tmp_path), "d", mode="off", allow=NO_ALLOW) == \
+    assert send_email(email, smtp_settings(smtp, tmp_path), "d", OFF) == \
         {"gone@example.com": "550"}
     assert [m.recipients for m in smtp.messages] == [["ana@example.com"]]
     with pytest.raises(DeliveryFailure) as info:
-        send_email(Email(to=["gone@example.com"]), smtp_settings(smtp, tmp_path), "d", mode="off", allow=NO_ALLOW)
+        send_email(Email(to=["gone@example.com"]), smtp_settings(smtp, tmp_path), "d", OFF)
     assert (info.value.code, info.value.retryable) == ("SMTP_550", False)
 
 
@@ -248,13 +260,13 @@ def test_smtp_failures_are_classified(smtp, tmp_path):
     codes = []
     for _ in range(2):
         with pytest.raises(DeliveryFailure) as info:
-            send_email(email, smtp_settings(smtp, tmp_path), "d", mode="off", allow=NO_ALLOW)
+            send_email(email, smtp_settings(smtp, tmp_path), "d", OFF)
         codes.append((info.value.code, info.value.retryable))
     with pytest.raises(DeliveryFailure) as info:
-        send_email(email, smtp_settings(smtp, tmp_path, password="wrong"), "d", mode="off", allow=NO_ALLOW)
+        send_email(email, smtp_settings(smtp, tmp_path, password="wrong"), "d", OFF)
     codes.append((info.value.code, info.value.retryable))
     with pytest.raises(DeliveryFailure) as info:
-        send_email(email, smtp_settings(smtp, tmp_path, port=1), "d", mode="off", allow=NO_ALLOW)
+        send_email(email, smtp_settings(smtp, tmp_path, port=1), "d", OFF)
     codes.append((info.value.code, info.value.retryable))
     assert codes == [("SMTP_451", True), ("SMTP_554", False), ("SMTP_535", False), ("SMTP_CONNECTION", True)]
     assert "ana@example.com" not in str(info.value) and smtp.messages == []
@@ -263,7 +275,7 @@ def test_smtp_failures_are_classified(smtp, tmp_path):
 def test_gmail_sender_is_not_supported_and_withholds_the_callback(tmp_path, smtp):
     email = Email(to=["ana@example.com"], sender="gmail")
     with pytest.raises(DeliveryFailure, match="Gmail account is not supported by this worker") as info:
-        send_email(email, smtp_settings(smtp, tmp_path), "d", mode="off", allow=NO_ALLOW)
+        send_email(email, smtp_settings(smtp, tmp_path), "d", OFF)
     assert not info.value.retryable
     raw = plan(outputNodes=[node("a", email={"sender": "gmail"}, callback="https://h.example/a")])
     [delivery], _, _ = planned_deliveries(DeliveryPlan.model_validate(raw))
@@ -276,8 +288,7 @@ def test_gmail_sender_is_not_supported_and_withholds_the_callback(tmp_path, smtp
 def test_without_email_host_the_email_is_written_to_the_outbox(tmp_path):
     settings = SmtpSettings(host=None, port=587, user=None, password=None, from_address="a@b.c",
                             outbox_dir=tmp_path / "emails")
-    send_email(Email(to=["ana@example.com"], subject="s", text="local"), settings, "dlv_local", mode="off",
-               allow=NO_ALLOW)
+    send_email(Email(to=["ana@example.com"], subject="s", text="local"), settings, "dlv_local", OFF)
     assert b"local" in (tmp_path / "emails" / "dlv_local.eml").read_bytes()
 
 
@@ -300,22 +311,19 @@ def test_dedup_claim_send_confirm_and_duplicates(smtp, tmp_path, redis_client):
     raw = plan(outputNodes=[node("a", email={})])
     delivery = _one_delivery(raw)
     dedup = EmailDedup(REDIS_URL)
-    from flux_dagster.delivery.run import Egress
-
-    egress = Egress("off", NO_ALLOW)
     keys = [k for k, _ in dedup.keys(delivery.flow_id, delivery.node_id, delivery.run_log_process_id, delivery.email)]
     try:
-        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, egress).status == "sent"
+        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, OFF).status == "sent"
         owner = delivery.delivery_id("email")
         assert [redis_client.get(k) for k in keys] == [f"sent:{owner}"] * 2
         assert 86000 < redis_client.ttl(keys[0]) <= 86400 and 0 < redis_client.ttl(keys[1]) <= 90
         # the same delivery again (a re-execution): already sent, not sent twice
-        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, egress).status == "already_sent"
+        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, OFF).status == "already_sent"
         # another run with the same content within 90 s: a duplicate, and its callback is withheld
         other = _one_delivery({**raw, "runLogProcessId": "log-other", "outputNodes": [node("a", email={},
                                                                                           callback="https://h/a")]})
         keys.append(dedup.keys(other.flow_id, other.node_id, other.run_log_process_id, other.email)[0][0])
-        result = email_once(other, smtp_settings(smtp, tmp_path), dedup, egress)
+        result = email_once(other, smtp_settings(smtp, tmp_path), dedup, OFF)
         assert result.status == "duplicate" and callback_withheld(EmailDone(other, result))
         assert redis_client.get(keys[2]) is None  # its first claim was released
         assert len(smtp.messages) == 1
@@ -326,22 +334,20 @@ def test_dedup_claim_send_confirm_and_duplicates(smtp, tmp_path, redis_client):
 def test_dedup_releases_the_claim_when_the_send_fails_and_retakes_its_own(smtp, tmp_path, redis_client):
     delivery = _one_delivery(plan(outputNodes=[node("a", email={})]))
     dedup = EmailDedup(REDIS_URL)
-    from flux_dagster.delivery.run import Egress
-
     keys = [k for k, _ in dedup.keys(delivery.flow_id, delivery.node_id, delivery.run_log_process_id, delivery.email)]
     owner = delivery.delivery_id("email")
     try:
         smtp.fail_next = ["451 4.3.0 later"]
         with pytest.raises(DeliveryFailure):
-            email_once(delivery, smtp_settings(smtp, tmp_path), dedup, Egress("off", NO_ALLOW))
+            email_once(delivery, smtp_settings(smtp, tmp_path), dedup, OFF)
         assert [redis_client.get(k) for k in keys] == [None, None]
         # a claim left by a killed attempt of this same delivery is its own: taken again
         redis_client.set(keys[0], f"pending:{owner}", ex=300)
-        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, Egress("off", NO_ALLOW)).status == "sent"
+        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, OFF).status == "sent"
         # a claim held by another delivery suppresses the send
         redis_client.set(keys[0], "pending:someone-else", ex=300)
         redis_client.delete(keys[1])
-        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, Egress("off", NO_ALLOW)).status == "duplicate"
+        assert email_once(delivery, smtp_settings(smtp, tmp_path), dedup, OFF).status == "duplicate"
         assert len(smtp.messages) == 1
     finally:
         redis_client.delete(*keys)
@@ -350,14 +356,12 @@ def test_dedup_releases_the_claim_when_the_send_fails_and_retakes_its_own(smtp, 
 def test_redis_down_before_the_send_is_retryable_and_sends_nothing(smtp, tmp_path):
     import socket
 
-    from flux_dagster.delivery.run import Egress
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
     delivery = _one_delivery(plan(outputNodes=[node("a", email={})]))
     with pytest.raises(DeliveryFailure) as info:
-        email_once(delivery, smtp_settings(smtp, tmp_path), EmailDedup(closed), Egress("off", NO_ALLOW))
+        email_once(delivery, smtp_settings(smtp, tmp_path), EmailDedup(closed), OFF)
     assert (info.value.code, info.value.retryable) == ("REDIS", True) and smtp.messages == []
 
 

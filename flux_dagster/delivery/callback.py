@@ -7,16 +7,17 @@ Retryable: network errors, timeouts, 5xx, 408, 425, 429 (``Retry-After`` honoure
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 
-from flux_dagster.delivery.egress import EgressMode, guarded_request, http_client, parse_url, retryable_status
+from flux_dagster.delivery.egress import EgressPolicy, guarded_request, parse_url, retryable_status
 from flux_dagster.delivery.outcome import DeliveryFailure
 from flux_dagster.delivery.plan import NodeDelivery
-from flux_dagster.nodes.netguard import AllowList
+from flux_dagster.nodes.netguard import http_client
 
 DELIVERY_ID_HEADER = "X-FluxPrompt-Delivery-Id"
 HTTP_TIMEOUT_S = 10.0
@@ -50,27 +51,29 @@ def retry_after_s(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
-def post_callback(url_value: str, body: dict[str, Any], delivery_id: str, *, mode: EgressMode,
-                  allow: AllowList, what: str = "callback URL") -> int:
-    """POST once; returns the 2xx status or raises :class:`DeliveryFailure`."""
+def post_callback(url_value: str, body: dict[str, Any], delivery_id: str, policy: EgressPolicy, *,
+                  what: str = "callback URL") -> int:
+    """POST once (redirects followed, each hop guarded); returns the 2xx status or raises
+    :class:`DeliveryFailure`."""
     url = parse_url(url_value, what)
-    headers = {DELIVERY_ID_HEADER: delivery_id, "User-Agent": "flux-dagster-delivery"}
+    headers = {DELIVERY_ID_HEADER: delivery_id, "User-Agent": "flux-dagster-delivery",
+               "Content-Type": "application/json"}
     started = time.monotonic()
     try:
-        with http_client(HTTP_TIMEOUT_S) as client:
-            response = guarded_request(client, "POST", url, mode, allow, json=body, headers=headers)
+        with http_client(timeout_s=HTTP_TIMEOUT_S) as client:
+            status, retry_after = guarded_request(
+                client, "POST", url, policy, lambda r: (r.status_code, r.headers.get("retry-after")),
+                headers=headers, content=json.dumps(body).encode())
     except httpx.TimeoutException as exc:
         raise DeliveryFailure(f"The callback to {url.host} timed out after {time.monotonic() - started:.0f} s.",
                               code="TIMEOUT", retryable=True, host=url.host) from exc
     except httpx.HTTPError as exc:  # refused, reset, TLS…: never reached the receiver's app
         raise DeliveryFailure(f"The callback to {url.host} could not connect ({type(exc).__name__}).",
                               code="CONNECTION", retryable=True, host=url.host) from exc
-    status = response.status_code
     if 200 <= status < 300:
         return status
     retryable = retryable_status(status)
     raise DeliveryFailure(
         f"The callback to {url.host} answered HTTP {status}.", code=f"HTTP_{status}", retryable=retryable,
-        host=url.host, status_code=status,
-        retry_after_s=retry_after_s(response.headers.get("retry-after")) if retryable else None,
+        host=url.host, status_code=status, retry_after_s=retry_after_s(retry_after) if retryable else None,
     )

@@ -1,29 +1,50 @@
-"""The delivery egress guard (``EGRESS_POLICY_MODE``, reference §2.3) over the node guard
-(:mod:`flux_dagster.nodes.netguard`): callbacks and attachment downloads to a loopback, private
-or metadata address are
+"""The delivery egress guard (``EGRESS_POLICY_MODE``, reference §2.3) on the node guard's HTTP
+request (:func:`flux_dagster.nodes.netguard.guarded_request`: every hop resolved, checked and
+connected to the checked address). Callbacks and attachment downloads to a loopback, private or
+metadata address are
 
 - ``report`` (default): logged as ``egress_would_refuse``, still sent;
 - ``enforce``: refused, not retried (hosts/CIDRs in ``FLUX_DELIVERY_ALLOWED_HOSTS`` excepted);
-  the request goes to the address that was checked;
 - ``off``: not checked.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 
 from flux_dagster.delivery.outcome import DeliveryFailure
 from flux_dagster.errors import IntegrationError, UserConfigError
-from flux_dagster.nodes.netguard import AllowList, resolve_permitted
+from flux_dagster.nodes import netguard
+from flux_dagster.nodes.netguard import AllowList, IpAddress
 
 log = logging.getLogger(__name__)
 
-EgressMode = Literal["report", "enforce", "off"]
+T = TypeVar("T")
 EGRESS_MODES = ("report", "enforce", "off")
 ALLOWED_HOSTS_ENV = "FLUX_DELIVERY_ALLOWED_HOSTS"
+
+
+@dataclass(frozen=True)
+class EgressPolicy(AllowList):
+    """The allow-list under a mode: what the list does not permit is refused (``enforce``),
+    logged and let through (``report``) or let through (``off``)."""
+
+    mode: str = "report"
+
+    def permits(self, host: str, address: IpAddress) -> bool:
+        if self.mode == "off" or super().permits(host, address):
+            return True
+        if self.mode == "report":
+            log.warning("egress_would_refuse host=%s address=%s", host, address)
+            return True
+        raise DeliveryFailure(
+            f"The delivery host {host!r} resolves to the non-public address {address}; EGRESS_POLICY_MODE=enforce "
+            f"refuses it unless {ALLOWED_HOSTS_ENV} allows it.", code="EGRESS_REFUSED", retryable=False, host=host)
 
 
 def retryable_status(status: int) -> bool:
@@ -33,7 +54,7 @@ def retryable_status(status: int) -> bool:
 
 def parse_url(value: str, what: str) -> httpx.URL:
     """A callback URL comes from the user (or an edge): a value that is not an http(s) URL fails
-    at once, never retried."""
+    at once, never retried. The message never repeats the value (it may hold a secret path)."""
     try:
         url = httpx.URL(value.strip())
     except (httpx.InvalidURL, TypeError, ValueError):
@@ -43,43 +64,14 @@ def parse_url(value: str, what: str) -> httpx.URL:
     return url
 
 
-def guarded_request(client: httpx.Client, method: str, url: httpx.URL, mode: EgressMode, allow: AllowList, *,
-                    stream: bool = False, headers: dict[str, str] | None = None, **kwargs) -> httpx.Response:
-    """One request (no redirects followed) under the guard; transport errors propagate as httpx's.
-    ``stream=True``: the body is not read yet (the caller reads it, capped, and closes it)."""
-    headers = dict(headers or {})
-
-    def send(target: httpx.URL, **extra) -> httpx.Response:
-        return client.send(client.build_request(method, target, headers=headers, **kwargs, **extra), stream=stream)
-
-    if mode == "off":
-        return send(url)
-    port = url.port or (443 if url.scheme == "https" else 80)
+def guarded_request(client: httpx.Client, method: str, url: httpx.URL, policy: EgressPolicy,
+                    read: Callable[[httpx.Response], T], *, headers: dict[str, str] | None = None,
+                    content: bytes | None = None) -> T:
+    """``read(final response)``; transport errors propagate as httpx's."""
     try:
-        addresses = resolve_permitted(url.host, port, allow, ALLOWED_HOSTS_ENV, "delivery host")
-    except UserConfigError as exc:
-        if mode == "enforce":
-            raise DeliveryFailure(exc.user_message, code="EGRESS_REFUSED", retryable=False, host=url.host) from exc
-        log.warning("egress_would_refuse host=%s: %s", url.host, exc.user_message)
-        return send(url)
+        return netguard.guarded_request(client, method, url, read, allow=policy, env_name=ALLOWED_HOSTS_ENV,
+                                        what="delivery host", headers=headers, content=content)
     except IntegrationError as exc:  # the name does not resolve (now): transient
         raise DeliveryFailure(exc.user_message, code="DNS", retryable=True, host=url.host) from exc
-    if mode == "report":
-        return send(url)
-    # enforce: connect to the checked address, so a DNS answer that changes cannot slip through.
-    headers["Host"] = url.netloc.decode("ascii")
-    extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-    error: httpx.ConnectError | None = None
-    for address in addresses:
-        try:
-            return send(url.copy_with(host=str(address)), extensions=extensions)
-        except httpx.ConnectError as exc:
-            error = exc  # the host's next address, as a client connecting by name would
-    raise error
-
-
-def http_client(timeout_s: float) -> httpx.Client:
-    """trust_env=False: a proxy from the environment would resolve hosts past the guard. No
-    keep-alive: pinned connections are keyed by address, never shared across host names."""
-    return httpx.Client(timeout=timeout_s, trust_env=False, follow_redirects=False,
-                        limits=httpx.Limits(max_keepalive_connections=0))
+    except UserConfigError as exc:  # too many redirects, a redirect to a non-HTTP URL
+        raise DeliveryFailure(exc.user_message, code="REDIRECT", retryable=False, host=url.host) from exc

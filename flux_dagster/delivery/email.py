@@ -9,6 +9,7 @@ written as an ``.eml`` file under ``$FLUX_HOME/emails`` (the embedded default).
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Callable
 import smtplib
 import ssl
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import httpx
 
-from flux_dagster.delivery.egress import EgressMode, guarded_request, http_client, parse_url, retryable_status
+from flux_dagster.delivery.egress import EgressPolicy, guarded_request, parse_url, retryable_status
 from flux_dagster.delivery.outcome import DeliveryFailure
 from flux_dagster.delivery.plan import Email
-from flux_dagster.nodes.netguard import AllowList
+from flux_dagster.nodes.netguard import http_client
 
 RETRYABLE_SMTP_CODES = frozenset({421, 450, 451, 452})
 SMTP_TIMEOUT_S = 120.0  # per SMTP command: the reference's 2 min per attempt
@@ -44,36 +45,40 @@ def _smtp_failure(code: int, detail: str, host: str) -> DeliveryFailure:
                            code=f"SMTP_{code}", retryable=code in RETRYABLE_SMTP_CODES, host=host)
 
 
-def fetch_attachments(email: Email, *, mode: EgressMode, allow: AllowList) -> list[tuple[str, bytes, str]]:
+def _read_capped(url: httpx.URL, budget: int) -> Callable[[httpx.Response], tuple[bytes, str | None]]:
+    def read(response: httpx.Response) -> tuple[bytes, str | None]:
+        status = response.status_code
+        if status != 200:
+            raise DeliveryFailure(f"The attachment at {url.host} answered HTTP {status}.",
+                                  code=f"ATTACHMENT_HTTP_{status}", host=url.host, status_code=status,
+                                  retryable=retryable_status(status))
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > budget:  # stop reading: the cap holds whatever the server sends
+                raise DeliveryFailure(f"The attachments exceed {MAX_ATTACHMENT_BYTES // (1024 * 1024)} MB.",
+                                      code="ATTACHMENT_TOO_LARGE", retryable=False)
+            chunks.append(chunk)
+        return b"".join(chunks), response.headers.get("content-type")
+
+    return read
+
+
+def fetch_attachments(email: Email, policy: EgressPolicy) -> list[tuple[str, bytes, str]]:
     """(file name, content, MIME type) of each attachment, downloaded under the egress guard."""
     files, total = [], 0
-    with http_client(ATTACHMENT_TIMEOUT_S) as client:
+    with http_client(timeout_s=ATTACHMENT_TIMEOUT_S) as client:
         for attachment in email.attachments:
             url = parse_url(attachment.url, "attachment URL")
             try:
-                response = guarded_request(client, "GET", url, mode, allow, stream=True)
-                try:
-                    if response.status_code != 200:
-                        status = response.status_code
-                        raise DeliveryFailure(f"The attachment at {url.host} answered HTTP {status}.",
-                                              code=f"ATTACHMENT_HTTP_{status}", host=url.host, status_code=status,
-                                              retryable=retryable_status(status))
-                    chunks = []
-                    for chunk in response.iter_bytes():
-                        total += len(chunk)
-                        if total > MAX_ATTACHMENT_BYTES:  # stop reading: the cap holds whatever the server sends
-                            raise DeliveryFailure(
-                                f"The attachments exceed {MAX_ATTACHMENT_BYTES // (1024 * 1024)} MB.",
-                                code="ATTACHMENT_TOO_LARGE", retryable=False)
-                        chunks.append(chunk)
-                finally:
-                    response.close()
+                content, content_type = guarded_request(client, "GET", url, policy,
+                                                        _read_capped(url, MAX_ATTACHMENT_BYTES - total))
             except httpx.HTTPError as exc:
                 raise DeliveryFailure(f"The attachment at {url.host} could not be downloaded ({type(exc).__name__}).",
                                       code="ATTACHMENT_CONNECTION", retryable=True, host=url.host) from exc
-            mime = (response.headers.get("content-type") or mimetypes.guess_type(attachment.name)[0]
-                    or "application/octet-stream").split(";")[0].strip()
-            files.append((attachment.name, b"".join(chunks), mime))
+            total += len(content)
+            mime = (content_type or mimetypes.guess_type(attachment.name)[0] or "application/octet-stream")
+            files.append((attachment.name, content, mime.split(";")[0].strip()))
     return files
 
 
@@ -97,14 +102,13 @@ def build_message(email: Email, settings: SmtpSettings, delivery_id: str,
     return message
 
 
-def send_email(email: Email, settings: SmtpSettings, delivery_id: str, *, mode: EgressMode,
-               allow: AllowList) -> dict[str, str]:
+def send_email(email: Email, settings: SmtpSettings, delivery_id: str, policy: EgressPolicy) -> dict[str, str]:
     """Send once; returns the recipients the server refused while accepting the others."""
     if email.sender != "smtp":
         raise DeliveryFailure(
             f"Sending email from a connected {email.sender.capitalize()} account is not supported by this "
             "worker; use the SMTP sender.", code="SENDER_NOT_SUPPORTED", retryable=False)
-    message = build_message(email, settings, delivery_id, fetch_attachments(email, mode=mode, allow=allow))
+    message = build_message(email, settings, delivery_id, fetch_attachments(email, policy))
     recipients = [*email.to, *email.cc, *email.bcc]
     if not settings.host:
         settings.outbox_dir.mkdir(parents=True, exist_ok=True)

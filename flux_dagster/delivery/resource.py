@@ -8,7 +8,7 @@ from dagster import ConfigurableResource, EnvVar
 
 from flux_dagster import settings
 from flux_dagster.delivery.dedup import EmailDedup
-from flux_dagster.delivery.egress import ALLOWED_HOSTS_ENV, EGRESS_MODES
+from flux_dagster.delivery.egress import ALLOWED_HOSTS_ENV, EGRESS_MODES, EgressPolicy
 from flux_dagster.delivery.email import SmtpSettings
 from flux_dagster.nodes.netguard import AllowList
 
@@ -33,14 +33,12 @@ class DeliveryResource(ConfigurableResource):
     def dedup(self) -> EmailDedup | None:
         return EmailDedup(self.redis_url) if self.redis_url else None
 
-    def mode(self) -> str:
+    def egress(self) -> EgressPolicy:
         mode = (self.egress_mode or "report").lower()
         if mode not in EGRESS_MODES:
             raise ValueError(f"EGRESS_POLICY_MODE must be one of {', '.join(EGRESS_MODES)}, not {mode!r}.")
-        return mode
-
-    def allow_list(self) -> AllowList:
-        return AllowList.from_env(ALLOWED_HOSTS_ENV)
+        allow = AllowList.from_env(ALLOWED_HOSTS_ENV)
+        return EgressPolicy(allow.hosts, allow.networks, mode)
 
 
 def _secret(name: str) -> Any:

@@ -10,18 +10,11 @@ from dataclasses import dataclass
 from flux_dagster.delivery.callback import node_callback_body, post_callback
 from flux_dagster.delivery.dedup import EmailDedup
 from flux_dagster.delivery.email import SmtpSettings, send_email
-from flux_dagster.delivery.egress import EgressMode
+from flux_dagster.delivery.egress import EgressPolicy
 from flux_dagster.delivery.outcome import DeliveryFailure, DeliveryResult
 from flux_dagster.delivery.plan import NodeDelivery, PlanSummary
-from flux_dagster.nodes.netguard import AllowList
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Egress:
-    mode: EgressMode
-    allow: AllowList
 
 
 @dataclass(frozen=True)
@@ -37,7 +30,7 @@ def _redis_failure(exc: Exception) -> DeliveryFailure:
                            retryable=True)
 
 
-def email_once(delivery: NodeDelivery, smtp: SmtpSettings, dedup: EmailDedup | None, egress: Egress) -> DeliveryResult:
+def email_once(delivery: NodeDelivery, smtp: SmtpSettings, dedup: EmailDedup | None, egress: EgressPolicy) -> DeliveryResult:
     """Claim → send → confirm; the claim is released when the send fails."""
     import redis
 
@@ -54,7 +47,7 @@ def email_once(delivery: NodeDelivery, smtp: SmtpSettings, dedup: EmailDedup | N
             return DeliveryResult("email", owner, delivery.node_id, claim.state)
         claimed = claim.keys
     try:
-        refused = send_email(delivery.email, smtp, owner, mode=egress.mode, allow=egress.allow)
+        refused = send_email(delivery.email, smtp, owner, egress)
     except BaseException:
         if dedup is not None:
             try:
@@ -83,7 +76,7 @@ def callback_withheld(done: EmailDone) -> str | None:
     return None
 
 
-def callback_once(done: EmailDone, egress: Egress) -> DeliveryResult:
+def callback_once(done: EmailDone, egress: EgressPolicy) -> DeliveryResult:
     delivery = done.delivery
     assert delivery.callback is not None
     delivery_id = delivery.delivery_id("callback")
@@ -91,15 +84,15 @@ def callback_once(done: EmailDone, egress: Egress) -> DeliveryResult:
     if reason:
         return DeliveryResult("callback", delivery_id, delivery.node_id, "withheld", error_message=reason)
     body = delivery.callback.body if delivery.callback.body is not None else node_callback_body(delivery)
-    status = post_callback(delivery.callback.url, body, delivery_id, mode=egress.mode, allow=egress.allow)
+    status = post_callback(delivery.callback.url, body, delivery_id, egress)
     return DeliveryResult("callback", delivery_id, delivery.node_id, "sent", status_code=status)
 
 
-def api_callback_once(summary: PlanSummary, egress: Egress) -> DeliveryResult:
+def api_callback_once(summary: PlanSummary, egress: EgressPolicy) -> DeliveryResult:
     assert summary.api_callback is not None
     delivery_id = summary.delivery_id()
-    status = post_callback(summary.api_callback.url, summary.api_callback.body, delivery_id,
-                           mode=egress.mode, allow=egress.allow, what="callback_url")
+    status = post_callback(summary.api_callback.url, summary.api_callback.body, delivery_id, egress,
+                           what="callback_url")
     return DeliveryResult("api_callback", delivery_id, None, "sent", status_code=status)
 
 

@@ -17,17 +17,13 @@ from flux_dagster.delivery.outcome import DeliveryFailure, DeliveryResult
 from flux_dagster.delivery.plan import NodeDelivery, PlanSummary, planned_deliveries, read_plan
 from flux_dagster.delivery.resource import DeliveryResource
 from flux_dagster.delivery.run import (
-    Egress, EmailDone, api_callback_once, callback_once, email_once, failed_result, failure_report, outcome_message,
+    EmailDone, api_callback_once, callback_once, email_once, failed_result, failure_report, outcome_message,
 )
 from flux_dagster.errors import classify
 from flux_dagster.files.resource import FileStoreResource
 from flux_dagster.ops.lifecycle import ExecutionParams
 from flux_dagster.ops.retries import RETRY_POLICIES, delivery_retry_delay, node_errors
 from flux_dagster.resources import AppDatabase, MainApiResource
-
-
-def _egress(delivery: DeliveryResource) -> Egress:
-    return Egress(mode=delivery.mode(), allow=delivery.allow_list())
 
 
 def _attempt(context: OpExecutionContext, policy: str, channel: str, delivery_id: str, node_id: str | None,
@@ -81,7 +77,7 @@ def deliver_email(context: OpExecutionContext, delivery: NodeDelivery, delivery_
         return EmailDone(delivery, None)
     result = _attempt(context, "deliver_email", "email", delivery.delivery_id("email"), delivery.node_id,
                       lambda: email_once(delivery, delivery_settings.smtp(), delivery_settings.dedup(),
-                                         _egress(delivery_settings)))
+                                         delivery_settings.egress()))
     return EmailDone(delivery, result)
 
 
@@ -92,7 +88,7 @@ def deliver_callback(context: OpExecutionContext, done: EmailDone, delivery_sett
     delivery = done.delivery
     if delivery.callback is not None:
         results.append(_attempt(context, "deliver_callback", "callback", delivery.delivery_id("callback"),
-                                delivery.node_id, lambda: callback_once(done, _egress(delivery_settings))))
+                                delivery.node_id, lambda: callback_once(done, delivery_settings.egress())))
     return results
 
 
@@ -103,7 +99,7 @@ def deliver_api_callback(context: OpExecutionContext, summary: PlanSummary, node
     results = [result for per_node in node_results for result in per_node]
     if summary.api_callback is not None:
         results.append(_attempt(context, "deliver_callback", "api_callback", summary.delivery_id(), None,
-                                lambda: api_callback_once(summary, _egress(delivery_settings))))
+                                lambda: api_callback_once(summary, delivery_settings.egress())))
     return results
 
 

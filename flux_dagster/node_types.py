@@ -14,7 +14,7 @@ from flux_dagster.llm.providers import LlmClient
 from flux_dagster.nodes import (
     api_caller, counter, display_box, files, image_generator, math_function, scripting, sql_querier,
 )
-from flux_dagster.nodes import audio_transcriber
+from flux_dagster.nodes import audio_transcriber, mcp_client
 from flux_dagster.nodes import text_generator as tg
 from flux_dagster.services.main_api import MainApi
 from flux_dagster.services.media_apis import MediaApis
@@ -51,6 +51,11 @@ def _image_generator(s: NodeServices, task: NodeTask) -> NodeOutcome:
     )
 
 
+def _mcp_client(s: NodeServices, task: NodeTask) -> NodeOutcome:
+    return mcp_client.run_mcp_client(s.sessions, task, llm=s.llm, main_api=s.main_api,
+                                     generation_id=f"{s.dagster_run_id}/{task.node_id}")
+
+
 @dataclass(frozen=True)
 class NodeType:
     branch: str
@@ -68,5 +73,6 @@ NODE_TYPES: dict[str, NodeType] = {
     "outputController": NodeType("display_box", lambda s, t: display_box.run_display_box(s.database_url, s.file_store, t)),
     audio_transcriber.NODE_TYPE: NodeType(
         "audio_transcriber", lambda s, t: audio_transcriber.run_audio_transcriber(s.sessions, t, llm=s.llm, media=s.media)),
+    mcp_client.NODE_TYPE: NodeType("mcp_client", _mcp_client),
 }
 

@@ -84,11 +84,9 @@ def test_large_file_is_split_into_600s_segments_and_joined(app_db_url, transcrip
     assert (row.outputType, row.metadata_["segments"], row.metadata_["sourceBytes"]) == ("text", 3, len(long_mp3))
 
 
-def test_small_file_is_sent_as_it_is_to_groq_and_5xx_is_retried(transcription_api, files, short_mp3, tmp_path):
-    url = f"sqlite:///{tmp_path / 'app.db'}"
-    from flux_dagster.db.engine import create_schema
-
-    create_schema(url)
+def test_small_file_is_sent_as_it_is_to_groq_and_5xx_is_retried(transcription_api, files, short_mp3,
+                                                                   sqlite_app_db_url):
+    url = sqlite_app_db_url
     transcription_api.failures = [503]
     files.files["/clip.mp3"] = short_mp3
     run, node_id = run_node(url, {"inputPreview": f"{files.url}/clip.mp3", "aiModel": "groq_v3_turbo"},

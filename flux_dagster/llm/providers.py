@@ -180,7 +180,8 @@ def openai_errors(company: str) -> Iterator[None]:
 
 
 @contextmanager
-def _anthropic_errors() -> Iterator[None]:
+def anthropic_errors() -> Iterator[None]:
+    """The anthropic SDK's exceptions as the worker's error classes (retryable or not)."""
     import anthropic
 
     try:
@@ -382,7 +383,7 @@ def _anthropic_stream(request: GenerationRequest, creds: ProviderCredentials, ti
     if o.web_search:
         params["tools"] = [{"type": "web_search_20250305", "name": "web_search",
                             "max_uses": o.web_search_max_uses or ANTHROPIC_WEB_SEARCH_MAX_USES}]
-    with _anthropic_errors():
+    with anthropic_errors():
         with _anthropic_client(creds.api_key, creds.base_url, timeout_s).messages.stream(
             **params, extra_body=sampling or None
         ) as stream:

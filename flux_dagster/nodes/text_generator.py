@@ -20,7 +20,7 @@ from flux_dagster.execution import (
     NodeOutcome, NodeTask, cancellation_check, persist_node_cancelled, persist_node_success,
 )
 from flux_dagster.llm.providers import Generation, GenerationOptions, GenerationRequest, LlmClient, StreamState
-from flux_dagster.nodes.netguard import AllowList, resolve_permitted
+from flux_dagster.nodes.netguard import AllowList, http_url, resolve_permitted
 from flux_dagster.services.main_api import MainApi, TokenCharge
 from flux_dagster.services.notifications import Notifier, StreamPublisher
 
@@ -223,10 +223,8 @@ def is_image_url(url: str) -> bool:
 
 def check_image_url(url: str) -> None:
     """The provider fetches the URL on the user's behalf: the API caller's rules apply."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserConfigError(f"The image URL {url[:200]!r} is not an http(s) URL.", field="multimodalEnabled")
-    resolve_permitted(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+    parsed = http_url(url, what="image URL", field="multimodalEnabled")
+    resolve_permitted(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80),
                       AllowList.from_env(IMAGE_URL_ALLOWED_HOSTS_ENV), IMAGE_URL_ALLOWED_HOSTS_ENV, "image URL")
 
 

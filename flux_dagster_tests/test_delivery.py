@@ -516,3 +516,22 @@ def test_malformed_delivery_rows(app_url, smtp):
         [log] = s.query(ExecutionLog).all()
         assert log.isError and "malformed" in log.message and "Traceback" in log.errorStack
         assert s.query(StatusNotification).count() == 0
+
+
+def test_cli_deliver_queues_a_valid_plan_and_refuses_a_bad_one(app_url, tmp_path):
+    from click.testing import CliRunner
+
+    from flux_dagster.cli import main
+
+    good, bad = tmp_path / "plan.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(plan(outputNodes=[node("a", callback="https://h.example/a")])))
+    bad.write_text(json.dumps({"flowId": "f"}))
+    env = {"FLUX_DATABASE_URL": app_url}
+    done = CliRunner().invoke(main, ["deliver", str(good), "--user", "user-1"], env=env)
+    assert done.exit_code == 0 and "queued delivery" in done.output and "1 output node" in done.output
+    refused = CliRunner().invoke(main, ["deliver", str(bad), "--user", "user-1"], env=env)
+    assert refused.exit_code == 1 and "malformed" in refused.output
+    with session_scope(app_url) as s:
+        [row] = s.query(PendingExecution).all()
+        assert row.kind == "delivery" and row.payload["outputNodes"][0]["nodeId"] == "a"
+        assert queue.malformed_reason(row) is None

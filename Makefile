@@ -12,19 +12,24 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # bubblewrap sandboxes user scripts, node runs the JavaScript ones, DejaVu fonts give PDFs
-# non-Latin text; the fault suite starts its own postgres (initdb) and redis-server. Installed
-# from Debian's packages when missing.
+# non-Latin text, ffmpeg splits large audio files for transcription (and makes the tests' audio);
+# the fault suite starts its own postgres (initdb) and redis-server. Installed from Debian's
+# packages when missing.
 system-deps:
 	@missing=""; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	[ -d /usr/share/fonts/truetype/dejavu ] || missing="$$missing fonts-dejavu-core"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
+# make dev HOST=0.0.0.0 PORT=3001 (the UI has no authentication: keep 127.0.0.1 unless behind a proxy)
+HOST ?= 127.0.0.1
+PORT ?= 3000
 dev: $(VENV)/.installed system-deps
-	$(VENV)/bin/flux-dagster dev
+	$(VENV)/bin/flux-dagster dev --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed system-deps
 	$(VENV)/bin/pytest

@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, select, text
 
 from flux_dagster.db.engine import normalize_url, session_scope
 from flux_dagster.db.models import PendingExecution
+from flux_dagster_tests.conftest import PG_ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,8 +48,9 @@ def wait_for_port(port: int, process: subprocess.Popen | None, timeout_s: float,
 
 
 @contextmanager
-def postgres_database(admin_url: str):
-    """A fresh database on the server of ``admin_url``; yields its URL, drops it afterwards."""
+def postgres_database(admin_url: str = PG_ADMIN_URL):
+    """A fresh database on the server of ``admin_url`` (the machine's Postgres by default);
+    yields its URL, drops it afterwards."""
     name = f"flux_e2e_{uuid.uuid4().hex[:10]}"
     admin = create_engine(normalize_url(admin_url), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -80,8 +82,13 @@ def marked_pids(marker: str) -> list[int]:
 class Deployment:
     """The code server and the daemon of one test, each startable, killable and restartable."""
 
-    def __init__(self, tmp_path: Path, app_db_url: str, env_extra: dict[str, str]):
+    def __init__(self, tmp_path: Path, app_db_url: str, env_extra: dict[str, str], daemon_command: list | None = None,
+                 daemon_started=lambda process: None):
+        """``daemon_command`` replaces ``dagster-daemon run`` (``-w workspace.yaml`` is appended);
+        ``daemon_started`` gets the daemon's Popen each time it starts."""
         self.tmp_path = tmp_path
+        self.daemon_command = daemon_command or [BIN / "dagster-daemon", "run"]
+        self.daemon_started = daemon_started
         home = tmp_path / "dagster_home"
         home.mkdir(exist_ok=True)
         shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
@@ -111,7 +118,8 @@ class Deployment:
         wait_for_port(self.port, self.code_server, 180, self.log_path)
 
     def start_daemon(self) -> None:
-        self.daemon = self._spawn(BIN / "dagster-daemon", "run", "-w", self.workspace)
+        self.daemon = self._spawn(*self.daemon_command, "-w", self.workspace)
+        self.daemon_started(self.daemon)
 
     def start_webserver(self) -> str:
         """The Dagster UI's server (what an operator clicks through); returns its GraphQL URL."""
@@ -168,9 +176,11 @@ class Deployment:
 
 
 @contextmanager
-def deployment(tmp_path: Path, app_db_url: str, env_extra: dict[str, str]):
-    """A code server and a daemon, as in production, on a temp DAGSTER_HOME; yields their env."""
-    running = Deployment(tmp_path, app_db_url, env_extra)
+def deployment(tmp_path: Path, app_db_url: str, env_extra: dict[str, str], daemon_command: list | None = None,
+               daemon_started=lambda process: None):
+    """A code server and a daemon, as in production, on a temp DAGSTER_HOME; yields their env.
+    Arguments as ``Deployment``'s."""
+    running = Deployment(tmp_path, app_db_url, env_extra, daemon_command, daemon_started)
     try:
         running.start()
         yield running.env

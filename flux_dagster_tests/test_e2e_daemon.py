@@ -12,8 +12,9 @@ from sqlalchemy import select
 from flux_dagster import queue
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import ExecutionLog, PendingExecution, StatusNotification, TokenLedgerEntry
-from flux_dagster_tests.conftest import PG_ADMIN_URL, add_node
-from flux_dagster_tests.deployment import REPO, deployment, postgres_database, runs_by_row, wait_terminal
+from flux_dagster_tests.conftest import add_node
+# BIN, deployment, postgres_database, runs_by_row, wait_terminal: other end-to-end modules import them from here.
+from flux_dagster_tests.deployment import BIN, REPO, deployment, postgres_database, runs_by_row, wait_terminal  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,7 @@ def storage(request, tmp_path):
         create_schema(app_url)
         yield app_url, {}
     else:
-        with postgres_database(PG_ADMIN_URL) as app_url, postgres_database(PG_ADMIN_URL) as dagster_url:
+        with postgres_database() as app_url, postgres_database() as dagster_url:
             from flux_dagster.db.engine import create_schema
 
             create_schema(app_url)

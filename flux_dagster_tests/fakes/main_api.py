@@ -38,4 +38,6 @@ class FakeMainApi(LoopbackServer):
             self.charges.setdefault(req.body["idempotencyKey"], req.body)
             self.accepted.append(req.body)
             return Reply(200, {"success": True, "message": "charged", "tokens": req.body["usedTokens"]})
+        if req.path == "/worker/delivery-outcome":
+            return Reply(200, {"success": True})
         return Reply(404, {"success": False, "message": "no route"})

@@ -17,9 +17,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying
 
-from flux_dagster.db.models import FlowEdge, FlowNode, NodeExecution, PendingExecution
+from flux_dagster import queue
+from flux_dagster.db.models import FlowEdge, FlowNode, NodeExecution
 from flux_dagster.errors import UserConfigError, classify
 from flux_dagster.execution import (
     ExecutionRequest, NodeTask, format_stack, merge_node_data, record_node_cancelled, start_node_execution,
@@ -194,13 +195,6 @@ def settled_here(state: NodeState | None, dagster_run_id: str) -> bool:
                                   (state.status in SETTLED and state.run_id == dagster_run_id))
 
 
-def cancel_requested(session: Session, pending_id: int | None) -> bool:
-    if pending_id is None:
-        return False
-    row = session.get(PendingExecution, pending_id)
-    return row is not None and row.cancel_requested_at is not None
-
-
 @dataclass(frozen=True)
 class Readiness:
     ready: bool
@@ -214,7 +208,7 @@ def wait_for_inputs(sessions: Callable[[], Any], node: AgentNode, dagster_run_id
     deadline = time.monotonic() + timeout_s
     while True:
         with sessions() as session:
-            if cancel_requested(session, node.request.pending_execution_id):
+            if queue.cancel_requested(session, node.request.pending_execution_id):
                 return Readiness(False, cancelled=True)
             states = node_states(session, node.request.exec_id, list(node.upstream))
         if all(settled_here(states.get(u), dagster_run_id) for u in node.upstream):
@@ -303,16 +297,3 @@ def run_agent_node(services: NodeServices, node: AgentNode, *, retry: Retrying, 
         write_execution_log(session, request, node.node_id, message=outcome.message, metadata=task.data)
     services.notifier.publish(request, node.node_id, "COMPLETED")
     return "COMPLETED", outcome.message
-
-
-def retrying(max_retries: int, first_delay_s: float) -> Retrying:
-    """Retries inside the node's step (exponential backoff with jitter, retryable errors only).
-
-    Not Dagster step retries: a retried step goes back in the executor's queue behind the steps
-    waiting for it, which may hold every slot."""
-    return Retrying(
-        stop=stop_after_attempt(max_retries + 1),
-        wait=wait_exponential_jitter(initial=first_delay_s, max=60),
-        retry=retry_if_exception(lambda exc: classify(exc).retryable),
-        reraise=True,
-    )

@@ -6,9 +6,11 @@ from flux_dagster.jobs.requeue_failed_executions import requeue_failed_execution
 from flux_dagster.resources import build_resources
 from flux_dagster.sensors.pending_executions import pending_executions_sensors
 from flux_dagster.sensors.run_outcomes import execution_run_canceled_sensor, execution_run_failure_sensor
+from flux_dagster.sensors.status_outbox import status_outbox_sensor
 
 defs = Definitions(
     jobs=[process_single_node, process_agent, requeue_failed_executions],
-    sensors=[*pending_executions_sensors, execution_run_failure_sensor, execution_run_canceled_sensor],
+    sensors=[*pending_executions_sensors, execution_run_failure_sensor, execution_run_canceled_sensor,
+             status_outbox_sensor],
     resources=build_resources(),
 )

@@ -10,7 +10,7 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flux_dagster.errors import ExecutionTimeoutError, ProviderError, provider_error_from_status
@@ -68,6 +68,8 @@ class Generation:
     reasoning: str = ""
     finish_reason: str | None = None
     provider: str = ""
+    # False when the provider's answer carried no usage: the counts are then the worker's estimate.
+    usage_reported: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def openai_errors(company: str) -> Iterator[None]:
     except openai.APITimeoutError as exc:
         raise ExecutionTimeoutError(f"{company} did not answer in time.") from exc
     except openai.APIStatusError as exc:
-        raise provider_error_from_status(company, exc.status_code, _detail(exc)) from exc
+        raise provider_error_from_status(company, exc.status_code, _detail(exc), exc.response.headers) from exc
     except openai.APIConnectionError as exc:
         raise ProviderError(f"{company} could not be reached.", retryable=True) from exc
 
@@ -139,6 +141,7 @@ def _openai_generate(request: GenerationRequest, creds: ProviderCredentials, tim
         reasoning=getattr(message, "reasoning_content", None) or "" if message else "",
         input_tokens=usage.prompt_tokens if usage else 0,
         output_tokens=usage.completion_tokens if usage else 0,
+        usage_reported=usage is not None,
         finish_reason=choice.finish_reason if choice else None,
         provider=request.company,
     )
@@ -168,7 +171,7 @@ def _anthropic_generate(request: GenerationRequest, creds: ProviderCredentials, 
     except anthropic.APITimeoutError as exc:
         raise ExecutionTimeoutError("anthropic did not answer in time.") from exc
     except anthropic.APIStatusError as exc:
-        raise provider_error_from_status("anthropic", exc.status_code, _detail(exc)) from exc
+        raise provider_error_from_status("anthropic", exc.status_code, _detail(exc), exc.response.headers) from exc
     except anthropic.APIConnectionError as exc:
         raise ProviderError("anthropic could not be reached.", retryable=True) from exc
     text = "".join(block.text for block in message.content if block.type == "text")
@@ -190,6 +193,20 @@ def _detail(exc: Exception) -> str:
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
     return str(getattr(exc, "message", exc))[:300]
+
+
+def estimate_tokens(text: str) -> int:
+    """About 4 characters a token (OpenAI's rule of thumb for English), at least 1."""
+    return max(1, -(-len(text) // 4))
+
+
+def estimated_usage(request: GenerationRequest, generation: Generation) -> Generation:
+    """Counts for an answer whose provider reported none, so it is not charged 0 (marked estimated)."""
+    if generation.usage_reported:
+        return generation
+    prompt = request.system + "".join(str(m.get("content", "")) for m in request.messages)
+    return replace(generation, input_tokens=estimate_tokens(prompt),
+                   output_tokens=estimate_tokens(generation.text + generation.reasoning))
 
 
 def offline_generate(request: GenerationRequest) -> Generation:

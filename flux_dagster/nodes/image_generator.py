@@ -244,7 +244,8 @@ def generate_and_store(sessions: Sessions, task: NodeTask, *, llm: LlmClient, st
         persist_node_success(
             session, task, data_updates=updates, output=stored.src, output_type="image",
             metadata={"model": spec.model, "aiSystem": DEFAULT_AI_SYSTEM, "provider": image.provider,
-                      "size": spec.size, "storageKey": stored.key, "credits": CREDITS_PER_IMAGE},
+                      "size": spec.size, "storageKey": stored.key, "credits": CREDITS_PER_IMAGE,
+                      "generationId": generation_id},
         )
     return StoredImage(src=stored.src, key=stored.key, model=spec.model, provider=image.provider,
                        generation_id=generation_id)
@@ -257,6 +258,13 @@ def image_charge(task: NodeTask, image: StoredImage) -> TokenCharge:
         model=image.model, ai_system=DEFAULT_AI_SYSTEM, input_tokens=0, output_tokens=CREDITS_PER_IMAGE,
         generation_id=image.generation_id, label=task.label,
     )
+
+
+def reused_image(row) -> StoredImage:
+    """The image an earlier run of this execution generated and stored (its charge key included)."""
+    meta = row.metadata_ or {}
+    return StoredImage(src=row.output or "", key=meta.get("storageKey", ""), model=meta.get("model", ""),
+                       provider=meta.get("provider", ""), generation_id=meta.get("generationId") or row.execId)
 
 
 def charge_image(main_api: MainApi, task: NodeTask, image: StoredImage) -> NodeOutcome:

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import SystemAiModel, utcnow
-from flux_dagster.errors import SystemError_, UserConfigError
+from flux_dagster.errors import SystemError_, UserConfigError, shorten
 from flux_dagster.execution import NodeOutcome, NodeTask, persist_node_success
-from flux_dagster.llm.providers import Generation, GenerationOptions, GenerationRequest, LlmClient
+from flux_dagster.llm.providers import Generation, GenerationOptions, GenerationRequest, LlmClient, estimated_usage
 from flux_dagster.services.main_api import MainApi, TokenCharge
 
 NODE_TYPE = "commandTextNode"
@@ -55,7 +55,7 @@ def resolve_model(data: dict[str, Any]) -> tuple[str, str]:
     """(AiSystem, model name) from the node's data, by the provider's model field."""
     ai_system = data.get("AiSystem")
     if not isinstance(ai_system, str) or ai_system.lower() not in MODEL_FIELD_BY_AI_SYSTEM:
-        raise UserConfigError(f"Unknown or missing AI provider (AiSystem={ai_system!r}).", field="AiSystem")
+        raise UserConfigError(f"Unknown or missing AI provider (AiSystem={shorten(ai_system)}).", field="AiSystem")
     model_field = MODEL_FIELD_BY_AI_SYSTEM[ai_system.lower()]
     model = data.get(model_field)
     if not isinstance(model, str) or not model.strip():
@@ -209,6 +209,7 @@ class TextGeneration:
     model: str
     ai_system: str
     generation_id: str
+    estimated: bool = False  # the provider reported no usage: the counts are the worker's estimate
 
 
 def find_model(session: Session, model_name: str) -> SystemAiModel:
@@ -232,7 +233,8 @@ def build_request(task: NodeTask, model: SystemAiModel) -> GenerationRequest:
     )
 
 
-def persist_generation(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel) -> str:
+def persist_generation(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel,
+                       generation_id: str = "") -> str:
     """Write ``text``, ``logs``, tokens, previews and session memory; return the output."""
     data = task.data
     output = generation.text or generation.reasoning
@@ -259,8 +261,10 @@ def persist_generation(session: Session, task: NodeTask, generation: Generation,
         updates["userSessionsChat"] = sessions
     persist_node_success(
         session, task, data_updates=updates, output=output, output_type="text",
-        metadata={"tokens": {"input": generation.input_tokens, "output": generation.output_tokens},
-                  "model": model.modelName, "aiCompany": model.aiCompany, "logs": logs, "provider": generation.provider},
+        metadata={"tokens": {"input": generation.input_tokens, "output": generation.output_tokens,
+                             "estimated": not generation.usage_reported},
+                  "model": model.modelName, "aiCompany": model.aiCompany, "logs": logs, "provider": generation.provider,
+                  "generationId": generation_id},
     )
     return output
 
@@ -282,12 +286,24 @@ def generate(database_url: str, llm: LlmClient, task: NodeTask, generation_id: s
     ai_system, model_name = resolve_model(task.data)
     with session_scope(database_url) as session:
         model = find_model(session, model_name)
-    generation = llm.generate(build_request(task, model))  # no DB transaction held meanwhile
+    request = build_request(task, model)
+    generation = estimated_usage(request, llm.generate(request))  # no DB transaction held meanwhile
     with session_scope(database_url) as session:
-        output = persist_generation(session, task, generation, model)
+        output = persist_generation(session, task, generation, model, generation_id)
     return TextGeneration(output=output, input_tokens=generation.input_tokens,
                           output_tokens=generation.output_tokens, model=model_name, ai_system=ai_system,
-                          generation_id=generation_id)
+                          generation_id=generation_id, estimated=not generation.usage_reported)
+
+
+def reused_generation(task: NodeTask, row) -> TextGeneration:
+    """The generation an earlier run of this execution made and persisted (its charge key included)."""
+    meta = row.metadata_ or {}
+    tokens = meta.get("tokens") or {}
+    ai_system, model_name = resolve_model(task.data)
+    return TextGeneration(output=row.output or "", input_tokens=tokens.get("input"), output_tokens=tokens.get("output"),
+                          model=meta.get("model") or model_name, ai_system=ai_system,
+                          generation_id=meta.get("generationId") or f"{row.execId}/{task.node_id}",
+                          estimated=bool(tokens.get("estimated")))
 
 
 def charge(main_api: MainApi, task: NodeTask, generation: TextGeneration) -> NodeOutcome:
@@ -298,7 +314,7 @@ def charge(main_api: MainApi, task: NodeTask, generation: TextGeneration) -> Nod
         flow_id=task.request.flow_id, user_id=task.request.user_id, exec_id=task.request.exec_id,
         node_id=task.node_id, model=generation.model, ai_system=generation.ai_system,
         input_tokens=generation.input_tokens, output_tokens=generation.output_tokens,
-        generation_id=generation.generation_id, label=task.label,
+        generation_id=generation.generation_id, label=task.label, estimated=generation.estimated,
     )
     charged = main_api.charge_tokens(token_charge)
     return NodeOutcome(task=task, output=generation.output, message="Node executed successfully",

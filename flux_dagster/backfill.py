@@ -1,7 +1,9 @@
-"""Bulk reprocessing: queue again the executions that failed in a time window (design §6)."""
+"""Bulk reprocessing: queue again the executions that failed in a time window (design §6), and
+running one execution's node(s) again on purpose, as a new execution."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -32,3 +34,18 @@ def requeue_failed(session: Session, start: datetime, end: datetime) -> list[int
     session.add_all(requeued)
     session.flush()
     return [row.id for row in requeued]
+
+
+def rerun(session: Session, exec_id: str) -> PendingExecution | None:
+    """A new execution (new ``execId``) of what ``exec_id`` ran: generated and charged anew. A
+    re-execution of the old one's runs never does that (its completed nodes are reused)."""
+    row = session.scalars(
+        select(PendingExecution).where(PendingExecution.exec_id == exec_id).order_by(PendingExecution.id.desc())
+    ).first()
+    if row is None:
+        return None
+    copy = PendingExecution(**{name: getattr(row, name) for name in REQUEUE_FIELDS})
+    copy.exec_id = str(uuid.uuid4())
+    session.add(copy)
+    session.flush()
+    return copy

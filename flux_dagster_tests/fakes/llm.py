@@ -18,13 +18,17 @@ class FakeLlm(LoopbackServer):
                  output_tokens: int = 7, latency_s: float = 0.0):
         self.text, self.input_tokens, self.output_tokens, self.latency_s = text, input_tokens, output_tokens, latency_s
         self.failures: list[int] = []
+        self.retry_after: str | None = None  # Retry-After header sent with each failure
+        self.omit_usage = False  # answer like a provider that reports no token usage
         super().__init__(self._handle)
 
     def _error(self, status: int, anthropic: bool) -> Reply:
+        headers = {"retry-after": self.retry_after} if self.retry_after else {}
         if anthropic:
             kind = {429: "rate_limit_error", 400: "invalid_request_error", 401: "authentication_error"}.get(status, "api_error")
-            return Reply(status, {"type": "error", "error": {"type": kind, "message": f"fake {status}"}})
-        return Reply(status, {"error": {"message": f"fake {status}", "type": "fake", "code": str(status)}})
+            return Reply(status, {"type": "error", "error": {"type": kind, "message": f"fake {status}"}}, headers=headers)
+        return Reply(status, {"error": {"message": f"fake {status}", "type": "fake", "code": str(status)}},
+                     headers=headers)
 
     def _handle(self, req: Recorded) -> Reply:
         anthropic = req.path.endswith("/messages")
@@ -38,12 +42,14 @@ class FakeLlm(LoopbackServer):
                 "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
             }, delay_s=self.latency_s)
         if req.path.endswith("/chat/completions"):
+            usage = None if self.omit_usage else {
+                "prompt_tokens": self.input_tokens, "completion_tokens": self.output_tokens,
+                "total_tokens": self.input_tokens + self.output_tokens}
             return Reply(200, {
                 "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.body["model"],
                 "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": self.text}}],
-                "usage": {"prompt_tokens": self.input_tokens, "completion_tokens": self.output_tokens,
-                          "total_tokens": self.input_tokens + self.output_tokens},
+                "usage": usage,
             }, delay_s=self.latency_s)
         return Reply(404, {"error": {"message": f"no route {req.path}"}})

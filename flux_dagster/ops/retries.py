@@ -58,6 +58,9 @@ RETRY_POLICIES: dict[str, RetryPolicy] = {
     "sql_querier": _policy(3, 2.0),  # connecting only: a statement that may have run is never retried
     "image_generator": _policy(9, 2.0),
     "charge_image_credits": _policy(9, 1.0),
+    "audio_transcriber": _policy(9, 2.0),
+    "mcp_client": _policy(2, 1.0),  # listing and the model's choice only: a tool call is never repeated
+    "charge_mcp_tokens": _policy(9, 1.0),
     "generate_execution_logs": _policy(9, 1.0),
     # process_agent: a node's whole stage chain, retried inside its step (see agent_retrying).
     "agent_node": _policy(9, 1.0),

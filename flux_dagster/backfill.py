@@ -30,10 +30,16 @@ def requeue_failed(session: Session, start: datetime, end: datetime) -> list[int
             PendingExecution.created_at < end,
         ).order_by(PendingExecution.id)
     ).all()
-    requeued = [PendingExecution(**{name: getattr(row, name) for name in REQUEUE_FIELDS}) for row in failed]
-    session.add_all(requeued)
+    return [requeue_row(session, row).id for row in failed]
+
+
+def requeue_row(session: Session, row: PendingExecution, exec_id: str | None = None) -> PendingExecution:
+    """A new ``pending`` row for the same execution (its own run key), or for a new one (``exec_id``)."""
+    new = PendingExecution(**{name: getattr(row, name) for name in REQUEUE_FIELDS})
+    new.exec_id = exec_id or new.exec_id
+    session.add(new)
     session.flush()
-    return [row.id for row in requeued]
+    return new
 
 
 def rerun(session: Session, exec_id: str) -> PendingExecution | None:
@@ -42,10 +48,4 @@ def rerun(session: Session, exec_id: str) -> PendingExecution | None:
     row = session.scalars(
         select(PendingExecution).where(PendingExecution.exec_id == exec_id).order_by(PendingExecution.id.desc())
     ).first()
-    if row is None:
-        return None
-    copy = PendingExecution(**{name: getattr(row, name) for name in REQUEUE_FIELDS})
-    copy.exec_id = str(uuid.uuid4())
-    session.add(copy)
-    session.flush()
-    return copy
+    return None if row is None else requeue_row(session, row, exec_id=str(uuid.uuid4()))

@@ -13,7 +13,7 @@ from flux_dagster.db.models import TERMINAL_STATUSES, PendingExecution, utcnow
 from flux_dagster.errors import bounded
 from flux_dagster.execution import ExecutionRequest
 
-KINDS = ("node", "agent")
+KINDS = ("node", "agent", "delivery")
 
 
 def enqueue(session: Session, **fields: Any) -> PendingExecution:
@@ -82,6 +82,8 @@ def malformed_reason(row: PendingExecution) -> str | None:
     missing = [name for name in ("exec_id", "flow_id", "user_id") if not getattr(row, name)]
     if row.kind == "node" and not row.node_id:
         missing.append("node_id")
+    if row.kind == "delivery" and not row.payload:
+        missing.append("payload (the delivery plan)")
     if missing:
         return f"Execution row is missing {', '.join(missing)}."
     return None
@@ -98,6 +100,7 @@ def request_of(row: PendingExecution) -> ExecutionRequest:
         run_id=row.run_id,
         pending_execution_id=row.id,
         kind=row.kind,
+        socket_id=row.socket_id,
     )
 
 
@@ -135,13 +138,6 @@ def finish(session: Session, pending_id: int, dagster_run_id: str, status: str, 
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
-
-
-def cancel_requested(session: Session, pending_id: int | None) -> bool:
-    if pending_id is None:
-        return False
-    row = session.get(PendingExecution, pending_id)
-    return row is not None and row.cancel_requested_at is not None
 
 
 def cancel_requested_runs(session: Session) -> tuple[list[str], list[int]]:

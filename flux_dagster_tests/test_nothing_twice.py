@@ -179,7 +179,7 @@ def test_cancelled_while_its_run_waited_never_calls_the_llm(app_db_url, fake_llm
 
 
 def test_an_answer_without_usage_is_charged_an_estimate_marked_so(app_db_url, fake_llm, fake_main_api):
-    fake_llm.omit_usage = True
+    fake_llm.usage = {}  # a provider that reports no usage
     flow_id, node_id = add_node(app_db_url, "commandTextNode", OPENAI_NODE)
     run = execute_node(app_db_url, make_resources(app_db_url, llm_url=fake_llm.url, main_api=fake_main_api),
                        flow_id, node_id)

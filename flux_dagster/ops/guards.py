@@ -5,33 +5,20 @@ generated or charged twice, whatever the operator re-executes)."""
 
 from __future__ import annotations
 
-from dagster import DagsterRunStatus, Failure, OpExecutionContext
-from dagster._core.errors import DagsterExecutionInterruptedError
+from dagster import OpExecutionContext
 
-from flux_dagster import queue
 from flux_dagster.db.models import NodeExecution
-from flux_dagster.execution import NodeOutcome, NodeTask, completed_execution
-from flux_dagster.ops.retries import CANCELLED_MESSAGE
+from flux_dagster.execution import NodeOutcome, NodeTask, cancel_requested, completed_execution
+from flux_dagster.ops.retries import cancel_own_run
 from flux_dagster.resources import AppDatabase
 
 REUSED_MESSAGE = "Completed by an earlier run of this execution: its output is reused, not generated or charged again."
 
 
-def cancel_own_run(context: OpExecutionContext) -> None:
-    """End this run as CANCELED, the way a termination would: the run is marked CANCELING and the
-    step stops as interrupted (the failure hook then cancels the row once)."""
-    run = context.instance.get_run_by_id(context.run_id)
-    if run is not None and not run.is_finished and run.status != DagsterRunStatus.CANCELING:
-        context.instance.report_run_canceling(run, message="Its execution was cancelled (cancel_requested_at).")
-    raise Failure(description=CANCELLED_MESSAGE, allow_retries=False) from DagsterExecutionInterruptedError(
-        "cancel requested"
-    )
-
-
 def earlier_completion(context: OpExecutionContext, app_db: AppDatabase, task: NodeTask) -> NodeExecution | None:
     """Stops a cancelled execution; returns the node's execution row when an earlier run completed it."""
     with app_db.session() as session:
-        if queue.cancel_requested(session, task.request.pending_execution_id):
+        if cancel_requested(session, task.request.pending_execution_id):
             cancel_own_run(context)
         row = completed_execution(session, task.request, task.node_id)
         if row is not None:

@@ -8,7 +8,7 @@ from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeOutcome, NodeTask, load_node, start_node_execution, write_execution_log
 from flux_dagster.failures import cancel_execution, fail_execution
 from flux_dagster.node_types import NODE_TYPES
-from flux_dagster.ops.guards import cancel_own_run
+from flux_dagster.ops.retries import cancel_own_run
 from flux_dagster.ops.retries import CANCELLED_MESSAGE, RETRY_POLICIES, error_of, node_errors, was_interrupted
 from flux_dagster.resources import AppDatabase, NotifierResource
 
@@ -29,6 +29,7 @@ class ExecutionParams(Config):
     session_id: str | None = None
     flow_version_history_id: str | None = None
     run_id: str | None = None
+    socket_id: str | None = None
 
 
 class ExecutionConfig(ExecutionParams):

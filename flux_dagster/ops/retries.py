@@ -21,10 +21,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dagster import DagsterInvariantViolationError, Failure, Jitter, OpExecutionContext, RetryPolicy, RetryRequested
+from dagster import (
+    DagsterInvariantViolationError, DagsterRunStatus, Failure, Jitter, OpExecutionContext, RetryPolicy, RetryRequested,
+)
 from dagster._core.errors import DagsterExecutionInterruptedError
 
-from flux_dagster.errors import FluxError, classify
+from flux_dagster.errors import ExecutionCancelled, FluxError, classify
 
 CANCELLED_MESSAGE = "The execution was cancelled."
 
@@ -64,7 +66,16 @@ RETRY_POLICIES: dict[str, RetryPolicy] = {
     "generate_execution_logs": _policy(9, 1.0),
     # process_agent: a node's whole stage chain, retried inside its step (see agent_retrying).
     "agent_node": _policy(9, 1.0),
+    # deliver_run_outputs (reference §2.3): attempts − 1 retries. Email and callback delays double
+    # from the first, capped (delivery_retry_delay); the report/delete ones never reach their 30 s cap.
+    "load_delivery_plan": _policy(3, 1.0),
+    "deliver_email": _policy(2, 30.0),
+    "deliver_callback": _policy(7, 5.0),
+    "report_delivery_outcome": _policy(4, 1.0),
+    "delete_delivery_plan": _policy(4, 1.0),
 }
+
+DELIVERY_DELAY_CAPS_S = {"deliver_email": 120.0, "deliver_callback": 120.0}
 
 
 def retry_delay(policy: RetryPolicy, retry_number: int, error: FluxError | None = None) -> float:
@@ -88,6 +99,18 @@ def _final(error: FluxError, attempts: int = 1) -> Failure:
         error.user_message = f"{error.user_message} (gave up after {attempts} attempts)"
     return Failure(description=error.user_message, metadata={"code": error.code, "dev_message": error.dev_message},
                    allow_retries=False)
+
+
+def cancel_own_run(context: OpExecutionContext | None, cause: BaseException | None = None) -> None:
+    """End this run as CANCELED, the way a termination does: the run is marked CANCELING and the
+    step stops as interrupted (the failure hook then cancels the row once), so the run's status
+    and the row's agree."""
+    if context is not None:
+        run = context.instance.get_run_by_id(context.run_id)
+        if run is not None and not run.is_finished and run.status != DagsterRunStatus.CANCELING:
+            context.instance.report_run_canceling(run, message="Its execution was cancelled (cancel_requested_at).")
+    raise Failure(description=CANCELLED_MESSAGE, allow_retries=False) from (
+        cause or ExecutionCancelled(CANCELLED_MESSAGE))
 
 
 def _current_op() -> OpExecutionContext | None:
@@ -119,6 +142,8 @@ def node_errors(attempt_timeout_s: float = 0.0) -> Iterator[None]:
     except DagsterExecutionInterruptedError as exc:
         # A terminated run: Dagster would retry an interrupted step that has a RetryPolicy.
         raise Failure(description=CANCELLED_MESSAGE, allow_retries=False) from exc
+    except ExecutionCancelled as exc:  # the node saw the cancellation itself and settled its work
+        cancel_own_run(_current_op(), exc)
     except (Failure, RetryRequested):
         raise
     except Exception as exc:
@@ -181,5 +206,15 @@ def error_of(exc: BaseException | None) -> FluxError:
 def was_interrupted(exc: BaseException | None) -> bool:
     """Whether a step failed because its run was terminated (not because its work failed)."""
     return isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)) or (
-        isinstance(exc, Failure) and isinstance(exc.__cause__, DagsterExecutionInterruptedError)
+        isinstance(exc, Failure) and isinstance(exc.__cause__, (DagsterExecutionInterruptedError, ExecutionCancelled))
     )
+
+
+def delivery_retry_delay(name: str, retry_number: int, at_least_s: float | None = None) -> float:
+    """The reference's delivery backoff: first delay × 2^retry, capped; a ``Retry-After`` the
+    receiver asked for is honoured up to the same cap."""
+    cap = DELIVERY_DELAY_CAPS_S[name] * _DELAY_SCALE
+    delay = min(cap, RETRY_POLICIES[name].delay * 2**retry_number)
+    if at_least_s is not None:
+        delay = max(delay, min(cap, at_least_s * _DELAY_SCALE))
+    return delay

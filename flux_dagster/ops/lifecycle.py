@@ -8,8 +8,7 @@ from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeOutcome, NodeTask, load_node, start_node_execution, write_execution_log
 from flux_dagster.failures import cancel_execution, fail_execution
 from flux_dagster.node_types import NODE_TYPES
-from flux_dagster.ops.retries import cancel_own_run
-from flux_dagster.ops.retries import CANCELLED_MESSAGE, RETRY_POLICIES, error_of, node_errors, was_interrupted
+from flux_dagster.ops.retries import CANCELLED_MESSAGE, RETRY_POLICIES, cancel_own_run, error_of, node_errors, was_interrupted
 from flux_dagster.resources import AppDatabase, NotifierResource
 
 # Stored node type → the branch (op) that runs it; a type missing there fails with a clear message.

@@ -92,6 +92,14 @@ class Notifier:
             ))
         return message
 
+    def _waiting(self, exec_id: str) -> bool:
+        with session_scope(self.database_url) as session:
+            return session.scalar(
+                select(StatusNotification.id)
+                .where(StatusNotification.exec_id == exec_id, StatusNotification.published_at.is_(None))
+                .limit(1)
+            ) is not None
+
     def publish_stream(self, request: ExecutionRequest, node_id: str, payload: dict[str, Any]) -> None:
         """One message of a node's streamed answer, on ``stream_channel``, for ``request.socket_id``.
         Only over Redis: without it there is no client to stream to (the answer is persisted anyway)."""
@@ -139,15 +147,6 @@ class StreamPublisher:
     def finish(self, text: str, status: str, input_tokens: int, output_tokens: int) -> None:
         self._send({"text": text, "done": True, "status": status,
                     "tokens": {"input": input_tokens, "output": output_tokens}})
-
-
-    def _waiting(self, exec_id: str) -> bool:
-        with session_scope(self.database_url) as session:
-            return session.scalar(
-                select(StatusNotification.id)
-                .where(StatusNotification.exec_id == exec_id, StatusNotification.published_at.is_(None))
-                .limit(1)
-            ) is not None
 
 
 def flush_outbox(database_url: str, redis_url: str, channel: str, limit: int = 500) -> int:

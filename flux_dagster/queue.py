@@ -97,6 +97,7 @@ def request_of(row: PendingExecution) -> ExecutionRequest:
         run_id=row.run_id,
         pending_execution_id=row.id,
         kind=row.kind,
+        socket_id=row.socket_id,
     )
 
 

@@ -45,9 +45,11 @@ class NotifierResource(ConfigurableResource):
     database: AppDatabase
     redis_url: str | None = None
     channel: str = "room_status_updated"
+    stream_channel: str = "node_output_stream"
 
     def client(self) -> Notifier:
-        return Notifier(database_url=self.database.url, redis_url=self.redis_url, channel=self.channel)
+        return Notifier(database_url=self.database.url, redis_url=self.redis_url, channel=self.channel,
+                        stream_channel=self.stream_channel)
 
 
 class LlmResource(ConfigurableResource):
@@ -126,6 +128,7 @@ def build_resources() -> dict[str, ConfigurableResource]:
             database=database,
             redis_url=_env("REDIS_URL"),
             channel=os.environ.get("FLUX_STATUS_CHANNEL", "room_status_updated"),
+            stream_channel=os.environ.get("FLUX_STREAM_CHANNEL", "node_output_stream"),
         ),
         "llm": LlmResource(offline=offline, **{k: v for k, v in llm_fields.items() if v is not None}),
         "script_runner": ScriptRunnerResource.from_env(),

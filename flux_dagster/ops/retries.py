@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dagster import Backoff, Failure, Jitter, RetryPolicy
 from dagster._core.errors import DagsterExecutionInterruptedError
 
-from flux_dagster.errors import FluxError, classify
+from flux_dagster.errors import ExecutionCancelled, FluxError, classify
 
 CANCELLED_MESSAGE = "The execution was cancelled."
 
@@ -57,8 +57,9 @@ def node_errors() -> Iterator[None]:
     """Classify whatever the body raises: retryable errors go to the RetryPolicy, others stop."""
     try:
         yield
-    except DagsterExecutionInterruptedError as exc:
-        # A terminated run: Dagster would retry an interrupted step that has a RetryPolicy.
+    except (DagsterExecutionInterruptedError, ExecutionCancelled) as exc:
+        # A terminated run (or a node that stopped for a cancellation): Dagster would retry an
+        # interrupted step that has a RetryPolicy.
         raise Failure(description=CANCELLED_MESSAGE, allow_retries=False) from exc
     except Failure:
         raise
@@ -87,5 +88,5 @@ def error_of(exc: BaseException | None) -> FluxError:
 def was_interrupted(exc: BaseException | None) -> bool:
     """Whether a step failed because its run was terminated (not because its work failed)."""
     return isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)) or (
-        isinstance(exc, Failure) and isinstance(exc.__cause__, DagsterExecutionInterruptedError)
+        isinstance(exc, Failure) and isinstance(exc.__cause__, (DagsterExecutionInterruptedError, ExecutionCancelled))
     )

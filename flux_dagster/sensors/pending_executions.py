@@ -68,6 +68,7 @@ def run_request_for(row: PendingExecution, node_type: str | None) -> RunRequest:
     config = {
         "pending_execution_id": row.id, "exec_id": row.exec_id, "flow_id": row.flow_id, "user_id": row.user_id,
         "session_id": row.session_id, "flow_version_history_id": row.flow_version_history_id, "run_id": row.run_id,
+        "socket_id": row.socket_id,
     }
     if row.kind == "agent":
         job_name, first_op = process_agent.name, "load_flow"

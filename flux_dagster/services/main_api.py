@@ -34,6 +34,7 @@ class TokenCharge:
     output_tokens: int
     generation_id: str
     label: str | None = None
+    estimated: bool = False  # no usage was reported: the tokens were counted
 
     @property
     def idempotency_key(self) -> str:
@@ -116,6 +117,7 @@ def _ledger_entry(charge: TokenCharge, key: str, state: str) -> TokenLedgerEntry
         idempotency_key=key, exec_id=fields["exec_id"], flow_id=fields["flow_id"], node_id=fields["node_id"],
         user_id=fields["user_id"], model=fields["model"], ai_system=fields["ai_system"],
         input_tokens=fields["input_tokens"], output_tokens=fields["output_tokens"], state=state,
+        estimated=fields["estimated"],
     )
 
 

@@ -12,12 +12,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # bubblewrap sandboxes user scripts, node runs the JavaScript ones, DejaVu fonts give PDFs
-# non-Latin text. Installed from Debian's packages when missing.
+# non-Latin text, ffmpeg splits large audio files for transcription (and makes the tests' audio).
+# Installed from Debian's packages when missing.
 system-deps:
 	@missing=""; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	[ -d /usr/share/fonts/truetype/dejavu ] || missing="$$missing fonts-dejavu-core"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 dev: $(VENV)/.installed system-deps

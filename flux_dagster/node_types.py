@@ -1,11 +1,11 @@
 """Every node type this worker runs: the branch (op) that runs it in ``process_single_node``, and
 the same stages called in a row for ``process_agent``. A type missing here fails with a clear
-"not supported by this worker" error (audio transcriber, MCP, …: see the README's table)."""
+"not supported by this worker" error (large memory, integrations, …: see the README's table)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flux_dagster.db.engine import session_scope
@@ -14,8 +14,10 @@ from flux_dagster.llm.providers import LlmClient
 from flux_dagster.nodes import (
     api_caller, counter, display_box, files, image_generator, math_function, scripting, sql_querier,
 )
+from flux_dagster.nodes import audio_transcriber, mcp_client
 from flux_dagster.nodes import text_generator as tg
 from flux_dagster.services.main_api import MainApi
+from flux_dagster.services.media_apis import MediaApis
 from flux_dagster.services.notifications import Notifier
 
 
@@ -30,6 +32,7 @@ class NodeServices:
     file_store: Any
     script_runner: Any
     dagster_run_id: str
+    media: MediaApis = field(default_factory=MediaApis)
 
     def sessions(self):
         return session_scope(self.database_url)
@@ -48,6 +51,11 @@ def _image_generator(s: NodeServices, task: NodeTask) -> NodeOutcome:
     )
 
 
+def _mcp_client(s: NodeServices, task: NodeTask) -> NodeOutcome:
+    return mcp_client.run_mcp_client(s.sessions, task, llm=s.llm, main_api=s.main_api,
+                                     generation_id=f"{s.dagster_run_id}/{task.node_id}")
+
+
 @dataclass(frozen=True)
 class NodeType:
     branch: str
@@ -63,5 +71,8 @@ NODE_TYPES: dict[str, NodeType] = {
     "sqlQuerier": NodeType("sql_querier", lambda s, t: sql_querier.run_sql_querier(s.sessions, t)),
     "imageGenerator": NodeType("image_generator", _image_generator),
     "outputController": NodeType("display_box", lambda s, t: display_box.run_display_box(s.database_url, s.file_store, t)),
+    audio_transcriber.NODE_TYPE: NodeType(
+        "audio_transcriber", lambda s, t: audio_transcriber.run_audio_transcriber(s.sessions, t, llm=s.llm, media=s.media)),
+    mcp_client.NODE_TYPE: NodeType("mcp_client", _mcp_client),
 }
 

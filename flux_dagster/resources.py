@@ -15,6 +15,7 @@ from flux_dagster.files.resource import file_store_from_env
 from flux_dagster.llm.providers import PROVIDERS, LlmClient, ProviderCredentials
 from flux_dagster.scripting.resource import ScriptRunnerResource
 from flux_dagster.services.main_api import MainApi
+from flux_dagster.services.media_apis import MEDIA_APIS, MediaApis
 from flux_dagster.services.notifications import Notifier
 
 
@@ -77,6 +78,23 @@ class LlmResource(ConfigurableResource):
         return LlmClient(credentials=credentials, offline=self.offline, timeout_s=self.timeout_s)
 
 
+class MediaApisResource(ConfigurableResource):
+    """Keys and base URLs of the media nodes' services (``services/media_apis.py``); a service
+    without a key is simply absent."""
+
+    search_api_key: str | None = None
+    search_api_base_url: str | None = None
+
+    def client(self) -> MediaApis:
+        credentials = {}
+        for name, spec in MEDIA_APIS.items():
+            key = getattr(self, f"{name}_key")
+            if key:
+                credentials[name] = ProviderCredentials(api_key=key,
+                                                        base_url=getattr(self, f"{name}_base_url") or spec.default_base_url)
+        return MediaApis(credentials)
+
+
 def _env(name: str) -> Any:
     """``EnvVar`` for a variable that is set (secrets stay out of config), else None."""
     return EnvVar(name) if settings.env(name) else None
@@ -104,4 +122,13 @@ def build_resources() -> dict[str, ConfigurableResource]:
         "llm": LlmResource(offline=offline, **{k: v for k, v in llm_fields.items() if v is not None}),
         "script_runner": ScriptRunnerResource.from_env(),
         "file_store": file_store_from_env(),
+        "media_apis": MediaApisResource(**{k: v for k, v in _media_api_fields().items() if v is not None}),
     }
+
+
+def _media_api_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, spec in MEDIA_APIS.items():
+        fields[f"{name}_key"] = _env(spec.key_env)
+        fields[f"{name}_base_url"] = settings.env(spec.base_url_env)
+    return fields

@@ -52,6 +52,15 @@ def _truncate(url: str) -> None:
         conn.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"))
 
 
+def _seeded(url: str) -> str:
+    from flux_dagster import demo
+    from flux_dagster.db.engine import session_scope
+
+    with session_scope(url) as session:
+        demo.seed(session)
+    return url
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def app_db_url(request, tmp_path) -> str:
     """The app DB, once on SQLite and once on Postgres, with the full schema and demo models."""
@@ -61,12 +70,15 @@ def app_db_url(request, tmp_path) -> str:
     else:
         url = request.getfixturevalue("postgres_url")
         _truncate(url)
-    from flux_dagster import demo
-    from flux_dagster.db.engine import session_scope
+    return _seeded(url)
 
-    with session_scope(url) as session:
-        demo.seed(session)
-    return url
+
+@pytest.fixture
+def sqlite_app_db_url(tmp_path) -> str:
+    """The app DB on SQLite only (schema and demo models), for tests whose subject is not SQL."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    create_schema(url)
+    return _seeded(url)
 
 
 @pytest.fixture
@@ -91,7 +103,7 @@ def make_resources(app_db_url: str, *, llm_url: str | None = None, main_api=None
     import tempfile
 
     from flux_dagster.files.resource import FileStoreResource
-    from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, NotifierResource
+    from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, MediaApisResource, NotifierResource
     from flux_dagster.scripting.resource import ScriptRunnerResource
 
     database = AppDatabase(url=app_db_url)
@@ -109,6 +121,7 @@ def make_resources(app_db_url: str, *, llm_url: str | None = None, main_api=None
         "llm": llm,
         "file_store": FileStoreResource(local_root=tempfile.mkdtemp(prefix="flux-files-")),
         "script_runner": ScriptRunnerResource(mode="local"),
+        "media_apis": MediaApisResource(),
         **extra,
     }
 

@@ -604,7 +604,7 @@ def test_image_generator_offline_placeholder_and_local_ledger(app_db_url):
 # ----- node types this worker leaves out --------------------------------------------------------
 
 
-@pytest.mark.parametrize("node_type", ["audioTranscriber", "mcpNode"])
+@pytest.mark.parametrize("node_type", ["audioTranscriber", "commandContentNode"])
 def test_left_out_node_types_fail_as_not_supported(app_db_url, node_type):
     run, node_id = run_node(app_db_url, node_type, {"prompt": "x"})
     assert_failed(app_db_url, run, node_id, f"Node type '{node_type}' is not supported by this worker")

@@ -4,6 +4,7 @@ of the node's type visible as steps (the others show as skipped)."""
 from dagster import in_process_executor, job
 
 from flux_dagster.ops.api_caller import api_caller
+from flux_dagster.ops.audio_transcriber import audio_transcriber
 from flux_dagster.ops.counter import counter
 from flux_dagster.ops.files import display_box, generate_file
 from flux_dagster.ops.image_generator import charge_image_credits, image_generator
@@ -15,6 +16,7 @@ from flux_dagster.ops.lifecycle import (
     notify_status_pending,
 )
 from flux_dagster.ops.math_function import math_function
+from flux_dagster.ops.mcp_client import charge_mcp_tokens, mcp_client
 from flux_dagster.ops.scripting import scripting
 from flux_dagster.ops.sql_querier import sql_querier
 from flux_dagster.ops.text_generator import charge_tokens, text_generator, validate_model_access
@@ -33,7 +35,10 @@ def process_single_node():
     sql_done = sql_querier(branches.sql_querier)
     script_done = scripting(branches.scripting)
     image_done = charge_image_credits(branches.image_generator, image_generator(branches.image_generator))
+    audio_done = audio_transcriber(branches.audio_transcriber)
+    mcp_done = charge_mcp_tokens(branches.mcp_client, mcp_client(branches.mcp_client))
 
     notify_status_completed(generate_execution_logs([
         text_done, display_box(branches.display_box), api_done, math_done, counter_done, sql_done, image_done, script_done,
+        audio_done, mcp_done,
     ]))

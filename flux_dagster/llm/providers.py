@@ -144,9 +144,22 @@ def _openai_generate(request: GenerationRequest, creds: ProviderCredentials, tim
     )
 
 
-def _anthropic_generate(request: GenerationRequest, creds: ProviderCredentials, timeout_s: float) -> Generation:
+@contextmanager
+def anthropic_errors() -> Iterator[None]:
+    """The anthropic SDK's exceptions as the worker's error classes (retryable or not)."""
     import anthropic
 
+    try:
+        yield
+    except anthropic.APITimeoutError as exc:
+        raise ExecutionTimeoutError("anthropic did not answer in time.") from exc
+    except anthropic.APIStatusError as exc:
+        raise provider_error_from_status("anthropic", exc.status_code, _detail(exc)) from exc
+    except anthropic.APIConnectionError as exc:
+        raise ProviderError("anthropic could not be reached.", retryable=True) from exc
+
+
+def _anthropic_generate(request: GenerationRequest, creds: ProviderCredentials, timeout_s: float) -> Generation:
     o = request.options
     params: dict[str, Any] = {
         "model": request.model,
@@ -161,16 +174,10 @@ def _anthropic_generate(request: GenerationRequest, creds: ProviderCredentials, 
         params["stop_sequences"] = list(o.stop)
     if o.reasoning and params["max_tokens"] > 2048:
         params["thinking"] = {"type": "enabled", "budget_tokens": params["max_tokens"] // 2}
-    try:
+    with anthropic_errors():
         message = _anthropic_client(creds.api_key, creds.base_url, timeout_s).messages.create(
             **params, extra_body=sampling or None
         )
-    except anthropic.APITimeoutError as exc:
-        raise ExecutionTimeoutError("anthropic did not answer in time.") from exc
-    except anthropic.APIStatusError as exc:
-        raise provider_error_from_status("anthropic", exc.status_code, _detail(exc)) from exc
-    except anthropic.APIConnectionError as exc:
-        raise ProviderError("anthropic could not be reached.", retryable=True) from exc
     text = "".join(block.text for block in message.content if block.type == "text")
     reasoning = "".join(getattr(block, "thinking", "") for block in message.content if block.type == "thinking")
     return Generation(

@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import re
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,14 +24,13 @@ import httpx
 from flux_dagster.errors import ExecutionTimeoutError, ProviderError, UserConfigError
 from flux_dagster.execution import NodeOutcome, NodeTask, merge_node_data, persist_node_success
 from flux_dagster.nodes.fields import Sessions, as_text, edge_value
-from flux_dagster.nodes.netguard import AllowList, resolve_permitted
+from flux_dagster.nodes.netguard import MAX_REDIRECTS, AllowList, certificate_error, guarded_request, http_client, http_url
 
 NODE_TYPE = "apiCaller"
 ALLOWED_HOSTS_ENV = "FLUX_APICALLER_ALLOWED_HOSTS"
 MAX_RESULT_ENV = "APICALLER_MAX_RESULT_BYTES"
 DEFAULT_MAX_RESULT_BYTES = 1_000_000
 REQUEST_TIMEOUT_S = 30.0
-MAX_REDIRECTS = 5
 MAX_CONDITION_CHARS = 10_000  # the user's regex runs on at most this much text (backtracking cost)
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -136,12 +134,7 @@ def build_request(data: dict[str, Any]) -> ApiRequest:
     raw_url = as_text(edge_value(data, "url")).strip()
     if not raw_url:
         raise UserConfigError("The URL is empty.", field="url")
-    try:
-        url = httpx.URL(raw_url)
-    except httpx.InvalidURL as exc:
-        raise UserConfigError(f"The URL {raw_url!r} is not valid: {exc}.", field="url") from exc
-    if url.scheme not in ("http", "https") or not url.host:
-        raise UserConfigError(f"The URL {raw_url!r} must start with http:// or https://.", field="url")
+    url = http_url(raw_url)
     params = _pairs(data.get("queryParams"))
     if params:
         url = url.copy_merge_params(params)
@@ -181,70 +174,24 @@ def _decode(raw: bytes, response: httpx.Response) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _certificate_error(exc: BaseException) -> bool:
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def http_client(verify: bool | ssl.SSLContext) -> httpx.Client:
-    """The client for one node run. trust_env=False: a proxy from the environment would resolve
-    hosts itself, past the guard. No keep-alive: connections are keyed by the pinned address, so
-    a pooled one verified for one host name must never serve another name on the same address."""
-    return httpx.Client(verify=verify, timeout=REQUEST_TIMEOUT_S, trust_env=False, follow_redirects=False,
-                        limits=httpx.Limits(max_keepalive_connections=0))
-
-
-def _hop(client: httpx.Client, method: str, url: httpx.URL, headers: dict[str, str], content: bytes | None,
-         allow: AllowList, max_bytes: int) -> tuple[int, str | None, ApiResponse | None]:
-    """One request to ``url``'s checked addresses, tried in resolver order:
-    (status, redirect location, or the final response)."""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    addresses = resolve_permitted(url.host, port, allow, ALLOWED_HOSTS_ENV, "URL host")
-    hop_headers = {**headers, "Host": url.netloc.decode("ascii")}
-    # TLS: the name the user gave is both the SNI and the name the certificate must carry.
-    extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-    error: httpx.ConnectError | None = None
-    for address in addresses:
-        pinned = url.copy_with(host=str(address))
-        try:
-            with client.stream(method, pinned, headers=hop_headers, content=content, extensions=extensions) as response:
-                location = response.headers.get("location")
-                if response.is_redirect and location:
-                    return response.status_code, location, None
-                raw, truncated = _read_capped(response, max_bytes)
-                return response.status_code, None, ApiResponse(response.status_code, _decode(raw, response), truncated)
-        except httpx.ConnectError as exc:
-            if _certificate_error(exc):
-                raise UserConfigError(
-                    f"The TLS certificate of {url.host} could not be verified; turn off "
-                    "validateCertificate to call it anyway.", field="validateCertificate",
-                ) from exc
-            error = exc  # try the host's next address, as a client connecting by name would
-    raise error
-
-
 def send(client: httpx.Client, request: ApiRequest, allow: AllowList, max_bytes: int) -> ApiResponse:
     """One logical request, following redirects; every hop is checked by the guard and pinned."""
-    method, url, headers, content = request.method, request.url, dict(request.headers), request.content
-    for _hop_number in range(MAX_REDIRECTS + 1):
-        if url.scheme not in ("http", "https"):
-            raise UserConfigError(f"Redirected to a non-HTTP URL ({url.scheme}).", field="url")
-        status, location, response = _hop(client, method, url, headers, content, allow, max_bytes)
-        if response is not None:
-            return response
-        target = url.join(location)
-        if status == 303 or (status in (301, 302) and method == "POST"):
-            method, content = "GET", None
-            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-        if (target.scheme, target.host, target.port) != (url.scheme, url.host, url.port):
-            # Credentials are for the origin the user named, never a redirect target.
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        url = target
-    raise UserConfigError(f"Too many redirects (more than {MAX_REDIRECTS}).", field="url")
+
+    def read(response: httpx.Response) -> ApiResponse:
+        raw, truncated = _read_capped(response, max_bytes)
+        return ApiResponse(response.status_code, _decode(raw, response), truncated)
+
+    try:
+        return guarded_request(client, request.method, request.url, read, allow=allow, env_name=ALLOWED_HOSTS_ENV,
+                               what="URL host", headers=request.headers, content=request.content,
+                               max_redirects=MAX_REDIRECTS)
+    except httpx.ConnectError as exc:
+        if certificate_error(exc):
+            raise UserConfigError(
+                f"The TLS certificate of {request.url.host} could not be verified; turn off "
+                "validateCertificate to call it anyway.", field="validateCertificate",
+            ) from exc
+        raise
 
 
 # ----- polling -------------------------------------------------------------------------------
@@ -373,7 +320,7 @@ def run_api_caller(sessions: Sessions, task: NodeTask, *, sleep: Callable[[float
     request = build_request(task.data)
     polling = Polling.from_data(task.data)
     allow = AllowList.from_env(ALLOWED_HOSTS_ENV)
-    with http_client(request.verify) as client:
+    with http_client(request.verify, REQUEST_TIMEOUT_S) as client:
         response, calls, gave_up = call(client, request, polling, allow=allow, max_bytes=_max_result_bytes(),
                                         sleep=sleep, clock=clock)
 

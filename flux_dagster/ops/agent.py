@@ -10,7 +10,7 @@ from flux_dagster.files.resource import FileStoreResource
 from flux_dagster.node_types import NODE_TYPES, NodeServices
 from flux_dagster.ops.lifecycle import ExecutionParams
 from flux_dagster.ops.retries import RETRY_POLICIES, node_errors
-from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, NotifierResource
+from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, MediaApisResource, NotifierResource
 from flux_dagster.scripting.resource import ScriptRunnerResource
 
 
@@ -44,6 +44,7 @@ def run_agent_node(
     notifier: NotifierResource,
     file_store: FileStoreResource,
     script_runner: ScriptRunnerResource,
+    media_apis: MediaApisResource,
 ) -> str:
     """Wait for the node's inputs, run it, and settle the agent when it is the last to finish.
 
@@ -52,6 +53,7 @@ def run_agent_node(
     services = NodeServices(
         database_url=app_db.url, main_api=main_api.client(), llm=llm.client(), notifier=notifier.client(),
         file_store=file_store.store(), script_runner=script_runner.runner(), dagster_run_id=context.run_id,
+        media=media_apis.client(),
     )
     policy = RETRY_POLICIES["agent_node"]
     status, message = agent.run_agent_node(services, node, retry=agent.retrying(policy.max_retries, policy.delay or 0))

@@ -43,6 +43,9 @@ RETRY_POLICIES: dict[str, RetryPolicy] = {
     "sql_querier": _policy(3, 2.0),
     "image_generator": _policy(3, 2.0),
     "charge_image_credits": _policy(5, 1.0),
+    "audio_transcriber": _policy(3, 2.0),
+    "mcp_client": _policy(2, 1.0),  # listing and the model's choice only: a tool call is never repeated
+    "charge_mcp_tokens": _policy(5, 1.0),
     "generate_execution_logs": _policy(2, 0.5),
     # process_agent: a node's whole stage chain, retried inside its step (see agent.retrying).
     "agent_node": _policy(3, 1.0),

@@ -15,6 +15,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    raw: bytes = b""  # the body as sent (multipart uploads, binary)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class LoopbackServer:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = raw.decode(errors="replace")
-                recorded = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                recorded = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, raw)
                 outer.requests.append(recorded)
                 reply = outer.handle(recorded)
                 if reply.delay_s:

@@ -22,8 +22,11 @@ system-deps:
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
+# make dev HOST=0.0.0.0 PORT=3001 (the UI has no authentication: keep 127.0.0.1 unless behind a proxy)
+HOST ?= 127.0.0.1
+PORT ?= 3000
 dev: $(VENV)/.installed system-deps
-	$(VENV)/bin/flux-dagster dev
+	$(VENV)/bin/flux-dagster dev --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed system-deps
 	$(VENV)/bin/pytest

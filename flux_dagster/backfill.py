@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from flux_dagster.db.models import PendingExecution
 
 REQUEUE_FIELDS = ("kind", "exec_id", "flow_id", "node_id", "user_id", "session_id", "flow_version_history_id",
-                  "run_id", "priority")
+                  "run_id", "socket_id", "priority")
 
 
 def requeue_failed(session: Session, start: datetime, end: datetime) -> list[int]:
@@ -28,7 +28,12 @@ def requeue_failed(session: Session, start: datetime, end: datetime) -> list[int
             PendingExecution.created_at < end,
         ).order_by(PendingExecution.id)
     ).all()
-    requeued = [PendingExecution(**{name: getattr(row, name) for name in REQUEUE_FIELDS}) for row in failed]
-    session.add_all(requeued)
+    return [requeue_row(session, row).id for row in failed]
+
+
+def requeue_row(session: Session, row: PendingExecution) -> PendingExecution:
+    """A new ``pending`` row for the same execution (its own run key)."""
+    new = PendingExecution(**{name: getattr(row, name) for name in REQUEUE_FIELDS})
+    session.add(new)
     session.flush()
-    return [row.id for row in requeued]
+    return new

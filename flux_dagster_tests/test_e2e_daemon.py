@@ -47,8 +47,11 @@ def postgres_database():
 
 
 @contextmanager
-def deployment(tmp_path: Path, app_db_url: str, env_extra: dict[str, str]):
-    """A code server and a daemon, as in production, on a temp DAGSTER_HOME."""
+def deployment(tmp_path: Path, app_db_url: str, env_extra: dict[str, str], daemon_command: list | None = None,
+               daemon_started=lambda process: None):
+    """A code server and a daemon, as in production, on a temp DAGSTER_HOME. ``daemon_command``
+    replaces ``dagster-daemon run`` (``-w workspace.yaml`` is appended); ``daemon_started`` gets
+    the daemon's Popen."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
@@ -69,8 +72,9 @@ def deployment(tmp_path: Path, app_db_url: str, env_extra: dict[str, str]):
         while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
             assert code_server.poll() is None and time.monotonic() < deadline, (tmp_path / "deployment.log").read_text()
             time.sleep(0.2)
-        daemon = subprocess.Popen([BIN / "dagster-daemon", "run", "-w", tmp_path / "workspace.yaml"],
+        daemon = subprocess.Popen([*(daemon_command or [BIN / "dagster-daemon", "run"]), "-w", tmp_path / "workspace.yaml"],
                                   env=env, cwd=REPO, stdout=logs, stderr=subprocess.STDOUT)
+        daemon_started(daemon)
         yield env
     finally:
         for process in (daemon, code_server):

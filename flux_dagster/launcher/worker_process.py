@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 
-# Run tags naming the run worker, written by the worker itself before the run starts.
-PID_TAG = "flux/run_worker_pid"
-HOST_TAG = "flux/run_worker_host"
-START_TAG = "flux/run_worker_start_ticks"
+# Run tags naming the run worker, written by the worker itself before the run starts. Launcher
+# bookkeeping, not the user's: Dagster's GraphQL layer (so the UI) leaves out tags under its
+# hidden prefix ``.dagster/`` (``dagster._core.storage.tags.HIDDEN_TAG_PREFIX``).
+PID_TAG = ".dagster/flux_run_worker_pid"
+HOST_TAG = ".dagster/flux_run_worker_host"
+START_TAG = ".dagster/flux_run_worker_start_ticks"
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -12,7 +12,9 @@ Protocol, one JSON object per line. In on stdin: first ``{"instance_ref", "repos
 "preload_modules", "pool_connections"}``, then ``{"launch": run_id}``. Out on the original stdout:
 ``{"ready": true}`` or ``{"error": text}`` once, then ``{"started": run_id, "pid"}``
 per launch and ``{"exited": run_id, "pid", "returncode"}`` per run worker reaped (negative: killed
-by that signal). End of stdin: stop launching, wait for the run workers, exit.
+by that signal). End of stdin (the launcher stopped, or its daemon exited): stop launching, let the
+run workers finish within ``FLUX_SHUTDOWN_GRACE_S``, terminate the rest and offer their executions
+again (``shutdown.py``), exit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import selectors
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from flux_dagster.launcher.worker_process import worker_tags
@@ -78,8 +81,13 @@ class Zygote:
         self._warned_threads = False
 
     def reply(self, **message) -> None:
-        self.replies.write(json.dumps(message) + "\n")
-        self.replies.flush()
+        if self.replies.closed:
+            return
+        try:
+            self.replies.write(json.dumps(message) + "\n")
+            self.replies.flush()
+        except BrokenPipeError:  # the launcher's process is gone: nobody left to tell
+            self.replies = open(os.devnull, "w")
 
     def load(self, setup: dict) -> None:
         from dagster import DagsterInstance
@@ -151,7 +159,39 @@ class Zygote:
                 for line in lines:
                     self.fork_run_worker(json.loads(line)["launch"])
             self.reap()
+        self.drain()
+
+    def drain(self) -> None:
+        """Shutdown: wait for the runs in flight, up to the grace period; then terminate them and
+        offer their executions again, so none is left ``running``."""
+        from flux_dagster.launcher.shutdown import TERMINATE_WAIT_S, offer_again, report_canceling, shutdown_grace_s
+
+        deadline = time.monotonic() + shutdown_grace_s()
+        while self.children and time.monotonic() < deadline:
+            time.sleep(REAP_INTERVAL_S)
+            self.reap()
+        if not self.children:
+            return
+        interrupted = dict(self.children)
+        report_canceling(self.instance, list(interrupted.values()))  # as a termination from the UI
+        for pid in interrupted:
+            _signal_group(pid, signal.SIGTERM)  # the run worker ends the run as canceled
+        deadline = time.monotonic() + TERMINATE_WAIT_S
+        while self.children and time.monotonic() < deadline:
+            time.sleep(REAP_INTERVAL_S)
+            self.reap()
+        for pid in self.children:
+            _signal_group(pid, signal.SIGKILL)
         self.reap(block=True)
+        offer_again(self.instance, list(interrupted.values()))
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """The run worker leads its own process group (``setsid``): its subprocesses go with it."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def main() -> None:

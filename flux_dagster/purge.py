@@ -1,0 +1,131 @@
+"""Bounded history: delete what is older than the retention window, in batches.
+
+Dagster keeps every run forever (it has no run retention), and each execution is a run with ~90
+events. ``purge_history`` deletes finished runs last updated before the cutoff with everything
+they leave behind, and this project's terminal queue rows and published notifications. Never the
+token ledger (the record of what was charged) nor the main API's tables.
+
+What a run leaves behind, and what removes it (read from Dagster 1.13's source):
+
+- ``DagsterInstance.delete_run``: the ``runs`` row and its events (run shard and index).
+- run tags: a foreign key with ``ON DELETE CASCADE``, which SQLite ignores (Dagster does not turn
+  on ``PRAGMA foreign_keys``), so they are deleted here on SQLite.
+- the SQLite event log's per-run shard file ``<storage>/<run_id>.db`` (emptied, not removed).
+- compute logs: ``compute_log_manager.delete_logs(prefix=[run_id])`` (keys are
+  ``[run_id, "compute_logs", step]``).
+- step outputs of the default ``fs_io_manager``: ``<storage>/<run_id>/``.
+
+Used by the ``purge_history`` job (daily schedule) and ``flux-dagster purge``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from dagster._core.storage.runs.schema import RunTagsTable
+from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+from sqlalchemy import and_, delete, func, select
+from sqlalchemy.orm import Session
+
+from flux_dagster.db.models import TERMINAL_STATUSES, PendingExecution, StatusNotification, utcnow
+
+FINISHED_RUN_STATUSES = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+DEFAULT_BATCH_SIZE = 500
+
+
+@dataclass
+class PurgeCounts:
+    runs: int = 0
+    pending_executions: int = 0
+    status_notifications: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.runs + self.pending_executions + self.status_notifications
+
+
+def cutoff_for(older_than_days: float, now: datetime | None = None) -> datetime:
+    return (now or utcnow()) - timedelta(days=older_than_days)
+
+
+def _runs_filter(cutoff: datetime) -> RunsFilter:
+    return RunsFilter(statuses=FINISHED_RUN_STATUSES, updated_before=cutoff)
+
+
+def _old_rows(cutoff: datetime):
+    # finished_at is set on every terminal transition; created_at covers rows from before it was.
+    return and_(PendingExecution.status.in_(TERMINAL_STATUSES),
+                func.coalesce(PendingExecution.finished_at, PendingExecution.created_at) < cutoff)
+
+
+def _old_notifications(cutoff: datetime, redis_configured: bool):
+    # With Redis, an unpublished row is the outbox: it must survive until it is published.
+    old = StatusNotification.created_at < cutoff
+    return and_(old, StatusNotification.published_at.is_not(None)) if redis_configured else old
+
+
+def count_purgeable(instance: DagsterInstance, session: Session, cutoff: datetime,
+                    redis_configured: bool) -> PurgeCounts:
+    return PurgeCounts(
+        runs=instance.get_runs_count(_runs_filter(cutoff)),
+        pending_executions=session.scalar(select(func.count()).where(_old_rows(cutoff))) or 0,
+        status_notifications=session.scalar(
+            select(func.count()).where(_old_notifications(cutoff, redis_configured))) or 0,
+    )
+
+
+def delete_run_with_artifacts(instance: DagsterInstance, run_id: str) -> None:
+    """One run and every trace of it in Dagster's storage (see the module doc)."""
+    instance.delete_run(run_id)
+    if isinstance(instance.run_storage, SqliteRunStorage):
+        with instance.run_storage.connect() as conn:
+            conn.execute(RunTagsTable.delete().where(RunTagsTable.c.run_id == run_id))
+    if isinstance(instance.event_log_storage, SqliteEventLogStorage):
+        shard = instance.event_log_storage.path_for_shard(run_id)
+        for path in (shard, f"{shard}-wal", f"{shard}-shm"):
+            if os.path.exists(path):
+                os.unlink(path)
+    instance.compute_log_manager.delete_logs(prefix=[run_id])
+    shutil.rmtree(os.path.join(instance.storage_directory(), run_id), ignore_errors=True)
+
+
+def purge_history(
+    instance: DagsterInstance,
+    session_factory: Callable[[], AbstractContextManager[Session]],
+    cutoff: datetime,
+    redis_configured: bool,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> PurgeCounts:
+    """Delete runs, then rows, older than ``cutoff``, ``batch_size`` at a time (short
+    transactions, so a running deployment keeps its latency). ``on_progress(n)`` after each
+    batch of ``n`` deletions. ``session_factory()`` is a context manager giving a committed
+    session (``session_scope``)."""
+    counts = PurgeCounts()
+    runs_filter = _runs_filter(cutoff)
+    while run_ids := instance.get_run_ids(runs_filter, limit=batch_size):
+        for run_id in run_ids:
+            delete_run_with_artifacts(instance, run_id)
+        counts.runs += len(run_ids)
+        on_progress(len(run_ids))
+    for model, where, field in (
+        (PendingExecution, _old_rows(cutoff), "pending_executions"),
+        (StatusNotification, _old_notifications(cutoff, redis_configured), "status_notifications"),
+    ):
+        while True:
+            with session_factory() as session:
+                ids = session.scalars(select(model.id).where(where).order_by(model.id).limit(batch_size)).all()
+                if ids:
+                    session.execute(delete(model).where(model.id.in_(ids)).execution_options(synchronize_session=False))
+            if not ids:
+                break
+            setattr(counts, field, getattr(counts, field) + len(ids))
+            on_progress(len(ids))
+    return counts

@@ -7,6 +7,9 @@ rest end the step at once with ``Failure(allow_retries=False)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class FluxError(Exception):
     """Base class: ``user_message`` is what the platform shows the user."""
@@ -72,6 +75,19 @@ def provider_error_from_status(provider: str, status: int | None, detail: str) -
         retryable=retryable,
         status_code=status,
     )
+
+
+@contextmanager
+def http_errors(provider: str) -> Iterator[None]:
+    """httpx's timeouts and connection failures calling a provider, as the worker's (retryable) errors."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ExecutionTimeoutError(f"{provider} did not answer in time.") from exc
+    except httpx.TransportError as exc:
+        raise ProviderError(f"{provider} could not be reached.", retryable=True) from exc
 
 
 def classify(exc: BaseException) -> FluxError:

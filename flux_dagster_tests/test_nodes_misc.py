@@ -503,8 +503,8 @@ def test_image_prompt_and_size():
         ig.build_prompt({"tone": ""})
 
 
-@pytest.mark.parametrize("ai_system,message", [("stabilityai", "not supported by this worker"),
-                                               ("ideogram", "not supported by this worker"),
+@pytest.mark.parametrize("ai_system,message", [("meta", "not supported by this worker"),
+                                               ("dreamstudio", "not supported by this worker"),
                                                ("opensources", "has been removed")])
 def test_image_other_providers_are_user_errors(ai_system, message):
     with pytest.raises(UserConfigError, match=message):

@@ -36,7 +36,8 @@ def test_every_readme_variable_reaches_the_worker_containers():
     assert {"FLUX_DATABASE_URL", "DAGSTER_PG_PORT", "GENAI_API_KEY", "FLUX_SQLQUERIER_ALLOWED_HOSTS"} <= expected
     for service in ("flux_dagster_user_code", "flux_dagster_daemon", "flux_dagster_metrics"):
         environment = compose["services"][service]["environment"]
-        assert expected <= set(environment), (service, sorted(expected - set(environment)))
+        assert expected <= set(environment), (
+            f"add to x-flux-env in docker/docker-compose.yml: {sorted(expected - set(environment))}")
     for service in ("flux_dagster_webserver", "flux_dagster_webserver_readonly"):
         assert {n for n in expected if n.startswith("DAGSTER_PG")} <= set(compose["services"][service]["environment"])
 

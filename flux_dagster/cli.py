@@ -32,6 +32,16 @@ def create_schema_cmd() -> None:
 
 
 @main.command()
+def migrate() -> None:
+    """Production: migrate only this project's own tables (Alembic), never the main API's."""
+    from flux_dagster.db.engine import migrate as migrate_own_tables
+
+    url = settings.database_url()
+    migrate_own_tables(url)
+    click.echo(f"own tables migrated in {_redact(url)}")
+
+
+@main.command()
 @click.option("--executions/--no-executions", default=False, help="Also queue one execution per demo node.")
 def seed(executions: bool) -> None:
     """Seed demo models, a demo flow and its nodes (idempotent)."""

@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: dev test bench faults system-deps
+.PHONY: dev test bench faults system-deps compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,14 @@ bench: $(VENV)/.installed system-deps
 # table and writes it to bench/results/faults.md. Fails when a goal does not hold.
 faults: $(VENV)/.installed system-deps
 	FLUX_FAULTS_FULL=1 $(VENV)/bin/pytest flux_dagster_tests/faults -m faults --timeout 1200 -q -rN
+
+# The docker/ stack built and run end to end (docs/containers.md): starts a dockerd if none runs,
+# builds a Debian base image when FLUX_BASE_IMAGE is not given. Docker, compose and debootstrap
+# come from Debian's packages when missing.
+compose-test: $(VENV)/.installed
+	@missing=""; \
+	command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	[ -n "$$FLUX_BASE_IMAGE" ] || command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
+	$(VENV)/bin/pytest -m compose -s -p no:cacheprovider flux_dagster_tests/test_compose_stack.py

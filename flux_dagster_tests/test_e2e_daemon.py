@@ -13,8 +13,10 @@ from flux_dagster import queue
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import ExecutionLog, PendingExecution, StatusNotification, TokenLedgerEntry
 from flux_dagster_tests.conftest import add_node
-# BIN, deployment, postgres_database, runs_by_row, wait_terminal: other end-to-end modules import them from here.
-from flux_dagster_tests.deployment import BIN, REPO, deployment, postgres_database, runs_by_row, wait_terminal  # noqa: F401
+# BIN, deployment, free_port, postgres_database, runs_by_row, wait_terminal: other test modules import them from here.
+from flux_dagster_tests.deployment import (  # noqa: F401
+    BIN, REPO, deployment, free_port, postgres_database, runs_by_row, wait_terminal,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -126,7 +126,7 @@ class Deployment:
         self.webserver_port = free_port()
         self.webserver = self._spawn(BIN / "dagster-webserver", "-w", self.workspace, "-h", "127.0.0.1",
                                      "-p", str(self.webserver_port))
-        wait_for_port(self.webserver_port, self.webserver, 120, self.log_path)
+        wait_for_port(self.webserver_port, self.webserver, 300, self.log_path)
         return f"http://127.0.0.1:{self.webserver_port}/graphql"
 
     def start(self) -> "Deployment":

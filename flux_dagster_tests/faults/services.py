@@ -106,6 +106,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        self._subscribed.clear()  # before the server exists: the listener may subscribe at once
         self.process = subprocess.Popen(
             ["redis-server", "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
@@ -116,7 +117,6 @@ class PrivateRedis:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
-        self._subscribed.clear()
         if self._listener is None:
             self._listener = threading.Thread(target=self._listen, daemon=True)
             self._listener.start()

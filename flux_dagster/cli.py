@@ -32,6 +32,16 @@ def create_schema_cmd() -> None:
 
 
 @main.command()
+def migrate() -> None:
+    """Production: migrate only this project's own tables (Alembic), never the main API's."""
+    from flux_dagster.db.engine import migrate as migrate_own_tables
+
+    url = settings.database_url()
+    migrate_own_tables(url)
+    click.echo(f"own tables migrated in {_redact(url)}")
+
+
+@main.command()
 @click.option("--executions/--no-executions", default=False, help="Also queue one execution per demo node.")
 def seed(executions: bool) -> None:
     """Seed demo models, a demo flow and its nodes (idempotent)."""
@@ -67,6 +77,31 @@ def enqueue(flow_id, node_id, user_id, session_id, kind, priority, exec_id) -> N
         click.echo(f"queued pending execution {row.id} (execId {row.exec_id})")
 
 
+@main.command()
+@click.argument("plan_file", type=click.File("r"))
+@click.option("--user", "user_id", required=True)
+@click.option("--exec-id", default=None, help="The run's execution id; defaults to a new UUID.")
+def deliver(plan_file, user_id, exec_id) -> None:
+    """Queue a delivery row (docs/deliveries.md) with the plan in PLAN_FILE (JSON), as the main API
+    does after a run. Refuses (exit 1, nothing written) a plan that is not valid."""
+    import json
+
+    from flux_dagster import queue
+    from flux_dagster.db.engine import session_scope
+    from flux_dagster.delivery.plan import parse_plan
+    from flux_dagster.errors import UserConfigError
+
+    try:
+        raw = json.load(plan_file)
+        plan = parse_plan(raw)
+    except (ValueError, UserConfigError) as exc:
+        raise click.ClickException(getattr(exc, "user_message", None) or f"Not JSON: {exc}") from exc
+    with session_scope(settings.database_url()) as session:
+        row = queue.enqueue(session, kind="delivery", exec_id=exec_id or str(uuid.uuid4()), flow_id=plan.flowId,
+                            user_id=user_id.strip(), payload=raw)
+        click.echo(f"queued delivery {row.id} ({len(plan.outputNodes)} output node(s))")
+
+
 def enqueue_problem(session, flow_id: str, node_id: str | None, user_id: str, kind: str,
                     exec_id: str | None) -> str | None:
     """Why the main API would never queue this execution, or None."""
@@ -91,6 +126,20 @@ def enqueue_problem(session, flow_id: str, node_id: str | None, user_id: str, ki
     if exec_id and session.scalar(select(PendingExecution.id).where(PendingExecution.exec_id == exec_id).limit(1)):
         return f"Execution {exec_id} is already queued; use a new --exec-id (or omit it)."
     return None
+
+
+@main.command()
+@click.argument("exec_id")
+def rerun(exec_id: str) -> None:
+    """Run an execution again on purpose: a new execution (new execId), generated and charged anew."""
+    from flux_dagster.backfill import rerun as rerun_execution
+    from flux_dagster.db.engine import session_scope
+
+    with session_scope(settings.database_url()) as session:
+        row = rerun_execution(session, exec_id)
+        if row is None:
+            raise click.ClickException(f"No execution with execId {exec_id}.")
+        click.echo(f"queued pending execution {row.id} (new execId {row.exec_id}, a rerun of {exec_id})")
 
 
 @main.command("queue")

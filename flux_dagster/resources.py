@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from flux_dagster import settings
 from flux_dagster.db.engine import session_scope
+from flux_dagster.delivery.resource import delivery_from_env
 from flux_dagster.files.resource import file_store_from_env
 from flux_dagster.llm.providers import PROVIDERS, LlmClient, ProviderCredentials
 from flux_dagster.scripting.resource import ScriptRunnerResource
@@ -86,6 +87,14 @@ class MediaApisResource(ConfigurableResource):
 
     search_api_key: str | None = None
     search_api_base_url: str | None = None
+    gemini_key: str | None = None
+    gemini_base_url: str | None = None
+    fal_key: str | None = None
+    fal_base_url: str | None = None
+    stability_key: str | None = None
+    stability_base_url: str | None = None
+    ideogram_key: str | None = None
+    ideogram_base_url: str | None = None
 
     def client(self) -> MediaApis:
         credentials = {}
@@ -126,6 +135,7 @@ def build_resources() -> dict[str, ConfigurableResource]:
         "script_runner": ScriptRunnerResource.from_env(),
         "file_store": file_store_from_env(),
         "media_apis": MediaApisResource(**{k: v for k, v in _media_api_fields().items() if v is not None}),
+        "delivery_settings": delivery_from_env(),
     }
 
 

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from flux_dagster.db.engine import session_scope
-from flux_dagster.db.models import SystemAiModel, TokenLedgerEntry
-from flux_dagster.errors import IntegrationError, UserConfigError
+from flux_dagster.db.models import ExecutionLog, SystemAiModel, TokenLedgerEntry
+from flux_dagster.errors import IntegrationError, SystemError_, UserConfigError, retry_after_of
 
 # Node data says ``anthropicai``/``perplexityai``; the model registry says ``anthropic``/``perplexity``.
 AI_SYSTEM_TO_COMPANY = {"anthropicai": "anthropic", "perplexityai": "perplexity"}
@@ -68,7 +68,7 @@ class MainApi:
             if response.status_code == 403:
                 raise UserConfigError(_message(response) or f"You do not have access to the model {model}.")
             if response.status_code >= 400:
-                raise IntegrationError(f"Model access check failed (HTTP {response.status_code}).", dev_message=response.text[:500])
+                raise _http_error("Model access check", response)
             if not response.json().get("success", False):
                 raise UserConfigError(_message(response) or f"You do not have access to the model {model}.")
             return
@@ -99,16 +99,41 @@ class MainApi:
             "outputTokens": charge.output_tokens, "model": charge.model, "aiSystem": charge.ai_system,
             "execId": charge.exec_id, "nodeId": charge.node_id, "label": charge.label,
             "usedTokens": charge.input_tokens + charge.output_tokens, "idempotencyKey": key,
+            **({"estimated": True} if charge.estimated else {}),
         }
         response = self._post("/worker/charge-tokens", body, headers={"Idempotency-Key": key})
-        if response.status_code >= 500:
-            raise IntegrationError(f"Charging tokens failed (HTTP {response.status_code}).", dev_message=response.text[:500])
+        if _transient(response.status_code):
+            raise _http_error("Charging tokens", response)
         charged = response.status_code < 400 and bool(response.json().get("success", False))
         if charged:
             with session_scope(self.database_url) as session:
                 entry = session.scalar(select(TokenLedgerEntry).where(TokenLedgerEntry.idempotency_key == key))
                 entry.state = "charged"
         return charged
+
+    def report_delivery_failures(self, user_id: str, reports: list[dict]) -> None:
+        """``/worker/delivery-outcome`` once per delivery that failed for good: the main API writes
+        a "Delivery failed" row in the flow's log. Each call carries ``Idempotency-Key`` (the
+        delivery id), so a retried step's repeats can be dropped. Without ``URL_MAIN_API`` the same
+        rows go to ``execution_logs`` (all in one transaction)."""
+        if not self.url:
+            with session_scope(self.database_url) as session:
+                for report in reports:
+                    session.add(ExecutionLog(
+                        nodeId=report["nodeId"] or "", flowId=report["flowId"], userId=user_id, isError=True,
+                        message=f"Delivery failed: {report['channel']} ({report['lastErrorMessage']})"[:2000],
+                        metadata_=report,
+                    ))
+            return
+        for report in reports:
+            response = self._post("/worker/delivery-outcome", report,
+                                  headers={"Idempotency-Key": f"{report['deliveryId']}-outcome"})
+            if response.status_code >= 500 or response.status_code in (408, 429):
+                raise IntegrationError(f"Reporting a failed delivery failed (HTTP {response.status_code}).",
+                                       dev_message=response.text[:500])
+            if response.status_code >= 400:
+                raise SystemError_(f"The main API refused the delivery outcome (HTTP {response.status_code}).",
+                                   dev_message=response.text[:500])
 
 
 def _ledger_entry(charge: TokenCharge, key: str, state: str) -> TokenLedgerEntry:
@@ -119,6 +144,21 @@ def _ledger_entry(charge: TokenCharge, key: str, state: str) -> TokenLedgerEntry
         input_tokens=fields["input_tokens"], output_tokens=fields["output_tokens"], state=state,
         estimated=fields["estimated"],
     )
+
+
+def _transient(status: int) -> bool:
+    return status in (408, 425, 429) or status >= 500
+
+
+def _http_error(what: str, response: httpx.Response) -> IntegrationError | UserConfigError:
+    """5xx, 408, 425 and 429 are the main API's trouble (retried, honouring Retry-After); another 4xx
+    is a request it will never accept (not retried)."""
+    if not _transient(response.status_code):
+        return UserConfigError(f"{what} was refused by the main API (HTTP {response.status_code}).",
+                               dev_message=response.text[:500])
+    error = IntegrationError(f"{what} failed (HTTP {response.status_code}).", dev_message=response.text[:500])
+    error.retry_after_s = retry_after_of(response.headers)
+    return error
 
 
 def _message(response: httpx.Response) -> str | None:

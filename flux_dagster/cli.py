@@ -128,6 +128,20 @@ def enqueue_problem(session, flow_id: str, node_id: str | None, user_id: str, ki
     return None
 
 
+@main.command()
+@click.argument("exec_id")
+def rerun(exec_id: str) -> None:
+    """Run an execution again on purpose: a new execution (new execId), generated and charged anew."""
+    from flux_dagster.backfill import rerun as rerun_execution
+    from flux_dagster.db.engine import session_scope
+
+    with session_scope(settings.database_url()) as session:
+        row = rerun_execution(session, exec_id)
+        if row is None:
+            raise click.ClickException(f"No execution with execId {exec_id}.")
+        click.echo(f"queued pending execution {row.id} (new execId {row.exec_id}, a rerun of {exec_id})")
+
+
 @main.command("queue")
 @click.option("--limit", default=20, show_default=True)
 def show_queue(limit: int) -> None:

@@ -496,7 +496,7 @@ def generate_and_store(sessions: Sessions, task: NodeTask, *, llm: LlmClient, st
             session, task, data_updates=updates, output=stored.src, output_type="image",
             metadata={"model": spec.model, "aiSystem": spec.ai_system, "provider": image.provider,
                       "size": spec.size, "storageKey": stored.key, "credits": CREDITS_PER_IMAGE,
-                      "imageToImage": spec.input_url is not None},
+                      "imageToImage": spec.input_url is not None, "generationId": generation_id},
         )
     return StoredImage(src=stored.src, key=stored.key, model=spec.model, provider=image.provider,
                        generation_id=generation_id, ai_system=spec.ai_system)
@@ -509,6 +509,14 @@ def image_charge(task: NodeTask, model: str, ai_system: str, generation_id: str)
         model=model, ai_system=ai_system, input_tokens=0, output_tokens=CREDITS_PER_IMAGE,
         generation_id=generation_id, label=task.label,
     )
+
+
+def reused_image(row) -> StoredImage:
+    """The image an earlier run of this execution generated and stored (its charge key included)."""
+    meta = row.metadata_ or {}
+    return StoredImage(src=row.output or "", key=meta.get("storageKey", ""), model=meta.get("model", ""),
+                       provider=meta.get("provider", ""), generation_id=meta.get("generationId") or row.execId,
+                       ai_system=meta.get("aiSystem") or DEFAULT_AI_SYSTEM)
 
 
 def charge_image(main_api: MainApi, task: NodeTask, image: StoredImage) -> NodeOutcome:

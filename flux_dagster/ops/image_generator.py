@@ -8,6 +8,7 @@ from dagster import OpExecutionContext, op
 from flux_dagster.execution import NodeOutcome, NodeTask
 from flux_dagster.files.resource import FileStoreResource
 from flux_dagster.nodes import image_generator as ig
+from flux_dagster.ops.guards import earlier_completion
 from flux_dagster.ops.retries import RETRY_POLICIES, node_errors
 from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, MediaApisResource
 
@@ -17,6 +18,8 @@ def image_generator(
     context: OpExecutionContext, task: NodeTask, app_db: AppDatabase, llm: LlmResource, file_store: FileStoreResource,
     main_api: MainApiResource, media_apis: MediaApisResource,
 ) -> ig.StoredImage:
+    if (earlier := earlier_completion(context, app_db, task)) is not None:
+        return ig.reused_image(earlier)
     with node_errors():
         image = ig.generate_and_store(
             app_db.session, task, llm=llm.client(), store=file_store.store(),

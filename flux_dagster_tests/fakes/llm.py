@@ -2,7 +2,8 @@
 wire formats, as JSON or as server-sent event streams (``"stream": true``), the way the real SDKs
 expect them.
 
-``failures`` is a queue of HTTP statuses to answer first (429, 500, 400…), then normal answers.
+``failures`` is a queue of HTTP statuses to answer first (429, 500, 400…), then normal answers;
+``outage()`` (from the base) fails every request for a while; ``latency_s`` can change at runtime.
 What the answer holds is set on the server: ``text`` (streamed in ``chunks`` pieces,
 ``chunk_delay_s`` apart), token counts, ``reasoning`` (thinking / reasoning summary),
 ``search_results`` (web search calls and citations when the request asks for the tool, and
@@ -34,11 +35,17 @@ class FakeLlm(LoopbackServer):
         self.reset()
         super().__init__(self._handle)
 
+    def generations(self, marker: str) -> list[Recorded]:
+        """Completion requests whose body mentions ``marker`` (a prompt names its execution)."""
+        return [r for r in self.requests if r.path.endswith(("/chat/completions", "/responses", "/messages"))
+                and marker in json.dumps(r.body)]
+
     def reset(self) -> None:
         """Back to the default answer (one server shared by a module's tests)."""
         for name, value in self._defaults.items():
             setattr(self, name, value)
         self.failures: list[int] = []
+        self.retry_after: str | None = None  # Retry-After header sent with each failure
         self.chunks, self.chunk_delay_s = 4, 0.0
         self.reasoning, self.reasoning_tokens = "", 0
         self.search_results: list[tuple[str, str]] = [("https://example.org/a", "Result A"),
@@ -50,10 +57,12 @@ class FakeLlm(LoopbackServer):
         return [self.text[i:i + size] for i in range(0, len(self.text), size)] or [""]
 
     def _error(self, status: int, anthropic: bool) -> Reply:
+        headers = {"retry-after": self.retry_after} if self.retry_after else {}
         if anthropic:
             kind = {429: "rate_limit_error", 400: "invalid_request_error", 401: "authentication_error"}.get(status, "api_error")
-            return Reply(status, {"type": "error", "error": {"type": kind, "message": f"fake {status}"}})
-        return Reply(status, {"error": {"message": f"fake {status}", "type": "fake", "code": str(status)}})
+            return Reply(status, {"type": "error", "error": {"type": kind, "message": f"fake {status}"}}, headers=headers)
+        return Reply(status, {"error": {"message": f"fake {status}", "type": "fake", "code": str(status)}},
+                     headers=headers)
 
     def _handle(self, req: Recorded) -> Reply:
         anthropic = req.path.endswith("/messages")

@@ -19,11 +19,11 @@ from sqlalchemy.orm import Session
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from flux_dagster.db.models import FlowEdge, FlowNode, NodeExecution, PendingExecution
-from flux_dagster.errors import UserConfigError, classify
+from flux_dagster.db.models import NodeExecution
+from flux_dagster.errors import ExecutionCancelled, UserConfigError, classify
 from flux_dagster.execution import (
-    ExecutionRequest, NodeTask, format_stack, merge_node_data, record_node_cancelled, start_node_execution,
-    write_execution_log,
+    ExecutionRequest, NodeTask, cancel_requested, format_stack, merge_node_data, node_data, read_edges, read_nodes,
+    record_node_cancelled, start_node_execution, write_execution_log,
 )
 from flux_dagster.failures import fail_node
 from flux_dagster.node_types import NODE_TYPES, NodeServices
@@ -75,25 +75,25 @@ class FlowGraph:
 
 
 def load_graph(session: Session, request: ExecutionRequest, known_types: set[str]) -> FlowGraph:
-    """Load the flow and reject, before any node runs, what cannot run as a whole."""
-    nodes = {n.nodeId: n for n in session.scalars(select(FlowNode).where(FlowNode.flowId == request.flow_id))}
+    """Load the flow (the published version the execution names, else the working copy) and
+    reject, before any node runs, what cannot run as a whole."""
+    nodes = {node_id: node_type for node_id, (node_type, _) in read_nodes(session, request).items()}
     if not nodes:
         raise UserConfigError(f"Flow {request.flow_id} has no nodes.")
     limit = budget("FLUX_MAX_RUN_NODE_EXECUTIONS", 50000)
     if len(nodes) > limit:
         raise UserConfigError(f"Stopped by system limit: the flow has {len(nodes)} nodes, the limit is {limit} "
                               "node executions per run (FLUX_MAX_RUN_NODE_EXECUTIONS).")
-    unknown = sorted(f"{n.nodeId} ({n.type})" for n in nodes.values() if n.type not in known_types)
+    unknown = sorted(f"{node_id} ({node_type})" for node_id, node_type in nodes.items() if node_type not in known_types)
     if unknown:
         raise UserConfigError("The flow has node types this worker does not support: " + ", ".join(unknown) + ".")
-    edges = [Edge(e.source, e.target, e.sourceHandle, e.targetHandle)
-             for e in session.scalars(select(FlowEdge).where(FlowEdge.flowId == request.flow_id).order_by(FlowEdge.edgeId))]
+    edges = [Edge(e.source, e.target, e.source_handle, e.target_handle) for e in read_edges(session, request)]
     dangling = sorted({f"{e.source}→{e.target}" for e in edges if e.source not in nodes or e.target not in nodes})
     if dangling:
         raise UserConfigError("The flow has edges to nodes that do not exist: " + ", ".join(dangling) + ".")
     order = topological_order(list(nodes), edges)
     return FlowGraph(tuple(
-        AgentNode(request=request, node_id=node_id, node_type=nodes[node_id].type, position=i,
+        AgentNode(request=request, node_id=node_id, node_type=nodes[node_id], position=i,
                   incoming=tuple(e for e in edges if e.target == node_id), flow_node_ids=tuple(order))
         for i, node_id in enumerate(order)
     ))
@@ -144,31 +144,36 @@ def input_field(target_type: str, handle: str | None) -> str | None:
 
 def propagate_inputs(session: Session, node: AgentNode) -> NodeTask:
     """Add each incoming edge's value to the node's ``*Data`` input, replacing the item that
-    edge put there before (so re-runs do not pile up), then return the node ready to run."""
-    nodes = {n.nodeId: n for n in session.scalars(
-        select(FlowNode).where(FlowNode.flowId == node.request.flow_id,
-                               FlowNode.nodeId.in_([node.node_id, *node.upstream])))}
-    target = nodes[node.node_id]
-    data = dict(target.data) if isinstance(target.data, dict) else {}
+    edge put there before (so re-runs do not pile up), then return the node ready to run.
+
+    A source's value is read from what it produced in this execution (``node_executions.outputData``)
+    over its node data, so a run of a published version reads its own outputs too."""
+    request = node.request
+    nodes = read_nodes(session, request, [node.node_id, *node.upstream])
+    outputs = {r.nodeId: r.outputData or {} for r in session.scalars(
+        select(NodeExecution).where(NodeExecution.execId == request.exec_id, NodeExecution.nodeId.in_(node.upstream)))}
+    target_type, target_data = nodes[node.node_id]
+    data = node_data(node.node_id, target_data)
     updates: dict[str, list] = {}
     max_items = budget("FLUX_MAX_ARRAY_ITEMS", 12000)
     for edge in node.incoming:
-        field_name = input_field(target.type, edge.target_handle)
+        field_name = input_field(target_type, edge.target_handle)
         if field_name is None:
             continue
-        source = nodes[edge.source]
-        value = source_output(source.type, source.data or {}, edge.source_handle, node.request.session_id)
+        source_type, source_data = nodes[edge.source]
+        source_data = {**node_data(edge.source, source_data), **outputs.get(edge.source, {})}
+        value = source_output(source_type, source_data, edge.source_handle, request.session_id)
         if value is None:
             continue
         items = [i for i in updates.get(field_name, data.get(field_name) or [])
                  if not (isinstance(i, dict) and i.get("id") == edge.source)]
         items.append({"id": edge.source, "text": value if isinstance(value, str) else json.dumps(value),
-                      "label": (source.data or {}).get("label")})
+                      "label": source_data.get("label")})
         if len(items) > max_items:
             raise UserConfigError(f"Stopped by system limit: {field_name} would hold more than {max_items} items "
                                   "(FLUX_MAX_ARRAY_ITEMS).")
         updates[field_name] = items
-    task = NodeTask(request=node.request, node_id=node.node_id, node_type=target.type, data={**data, **updates})
+    task = NodeTask(request=request, node_id=node.node_id, node_type=target_type, data={**data, **updates})
     if updates:
         merge_node_data(session, task, updates)
     return task
@@ -192,13 +197,6 @@ def settled_here(state: NodeState | None, dagster_run_id: str) -> bool:
     """Done for this run: completed by any run (a re-execution keeps it), or ended by this one."""
     return state is not None and (state.status == "COMPLETED" or
                                   (state.status in SETTLED and state.run_id == dagster_run_id))
-
-
-def cancel_requested(session: Session, pending_id: int | None) -> bool:
-    if pending_id is None:
-        return False
-    row = session.get(PendingExecution, pending_id)
-    return row is not None and row.cancel_requested_at is not None
 
 
 @dataclass(frozen=True)
@@ -292,6 +290,11 @@ def run_agent_node(services: NodeServices, node: AgentNode, *, retry: Retrying, 
             task = propagate_inputs(session, node)
             start_node_execution(session, task, run_id)
         outcome = retry(NODE_TYPES[node.node_type].run, services, task)
+    except ExecutionCancelled as exc:  # stopped while running; the node settled its partial work
+        with services.sessions() as session:
+            record_node_cancelled(session, task, exc.user_message, dagster_run_id=run_id)
+        services.notifier.publish(request, node.node_id, "CANCELLED", exc.user_message)
+        return "CANCELLED", exc.user_message
     except Exception as exc:
         error = classify(exc)
         with services.sessions() as session:

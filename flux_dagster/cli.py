@@ -67,6 +67,31 @@ def enqueue(flow_id, node_id, user_id, session_id, kind, priority, exec_id) -> N
         click.echo(f"queued pending execution {row.id} (execId {row.exec_id})")
 
 
+@main.command()
+@click.argument("plan_file", type=click.File("r"))
+@click.option("--user", "user_id", required=True)
+@click.option("--exec-id", default=None, help="The run's execution id; defaults to a new UUID.")
+def deliver(plan_file, user_id, exec_id) -> None:
+    """Queue a delivery row (docs/deliveries.md) with the plan in PLAN_FILE (JSON), as the main API
+    does after a run. Refuses (exit 1, nothing written) a plan that is not valid."""
+    import json
+
+    from flux_dagster import queue
+    from flux_dagster.db.engine import session_scope
+    from flux_dagster.delivery.plan import parse_plan
+    from flux_dagster.errors import UserConfigError
+
+    try:
+        raw = json.load(plan_file)
+        plan = parse_plan(raw)
+    except (ValueError, UserConfigError) as exc:
+        raise click.ClickException(getattr(exc, "user_message", None) or f"Not JSON: {exc}") from exc
+    with session_scope(settings.database_url()) as session:
+        row = queue.enqueue(session, kind="delivery", exec_id=exec_id or str(uuid.uuid4()), flow_id=plan.flowId,
+                            user_id=user_id.strip(), payload=raw)
+        click.echo(f"queued delivery {row.id} ({len(plan.outputNodes)} output node(s))")
+
+
 def enqueue_problem(session, flow_id: str, node_id: str | None, user_id: str, kind: str,
                     exec_id: str | None) -> str | None:
     """Why the main API would never queue this execution, or None."""

@@ -52,6 +52,12 @@ class ExecutionTimeoutError(FluxError):
     code = "TIMEOUT_ERROR"
 
 
+class ExecutionCancelled(FluxError):
+    """The execution was cancelled while the node ran, and the node settled its partial work."""
+
+    code = "CANCELLED"
+
+
 class SystemError_(FluxError):  # noqa: N801 - ``SystemError`` is a Python builtin
     """Our bug or broken infrastructure; the fallback for anything unclassified."""
 

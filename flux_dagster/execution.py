@@ -6,15 +6,25 @@ through these, so a node's rows look the same whichever job ran it.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from flux_dagster.db.models import ExecutionLog, FlowNode, NodeExecution, utcnow
+from flux_dagster.db.engine import session_scope
+from flux_dagster.db.models import (
+    ExecutionLog, FlowEdge, FlowNode, FlowVersionHistory, NodeExecution, PendingExecution, utcnow,
+)
 from flux_dagster.errors import FluxError, UserConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,7 @@ class ExecutionRequest:
     run_id: str | None = None
     pending_execution_id: int | None = None
     kind: str = "node"
+    socket_id: str | None = None  # the client socket that receives the streamed answer
 
 
 @dataclass(frozen=True)
@@ -56,17 +67,51 @@ class NodeOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_node(session: Session, request: ExecutionRequest, node_id: str) -> NodeTask:
-    """``getInfoInDatabase``: the node's type and data, with clear errors for what can't run."""
-    node = session.scalar(
-        select(FlowNode).where(FlowNode.flowId == request.flow_id, FlowNode.nodeId == node_id)
-    )
-    if node is None:
-        raise UserConfigError(f"Node {node_id} was not found in flow {request.flow_id}.")
-    data = node.data
-    if isinstance(data, str):  # some rows carry JSON text instead of a JSON object
-        import json
+@dataclass(frozen=True)
+class FlowEdgeRow:
+    source: str
+    target: str
+    source_handle: str | None
+    target_handle: str | None
 
+
+def _snapshot(session: Session, request: ExecutionRequest) -> FlowVersionHistory:
+    snapshot = session.get(FlowVersionHistory, request.flow_version_history_id)
+    if snapshot is None or snapshot.flowId != request.flow_id:
+        raise UserConfigError(f"Version {request.flow_version_history_id} of flow {request.flow_id} does not exist.")
+    return snapshot
+
+
+def read_nodes(session: Session, request: ExecutionRequest,
+               node_ids: list[str] | None = None) -> dict[str, tuple[str, Any]]:
+    """The flow's nodes as ``{nodeId: (type, data)}`` (all, or ``node_ids``), in the flow's order:
+    from the published version the execution names (``flow_version_history_id``), never the
+    working copy; else from the working copy (``flows_nodes``)."""
+    if request.flow_version_history_id:
+        wanted = None if node_ids is None else set(node_ids)
+        return {n["nodeId"]: (n.get("type"), n.get("data"))
+                for n in _snapshot(session, request).nodes or []
+                if isinstance(n, dict) and n.get("nodeId") and (wanted is None or n["nodeId"] in wanted)}
+    query = select(FlowNode).where(FlowNode.flowId == request.flow_id)
+    if node_ids is not None:
+        query = query.where(FlowNode.nodeId.in_(node_ids))
+    return {n.nodeId: (n.type, n.data) for n in session.scalars(query)}
+
+
+def read_edges(session: Session, request: ExecutionRequest) -> list[FlowEdgeRow]:
+    """The flow's edges, by ``edgeId``, from the same source as ``read_nodes``."""
+    if request.flow_version_history_id:
+        rows = sorted((e for e in _snapshot(session, request).edges or [] if isinstance(e, dict)),
+                      key=lambda e: str(e.get("edgeId", "")))
+        return [FlowEdgeRow(str(e.get("source")), str(e.get("target")), e.get("sourceHandle"), e.get("targetHandle"))
+                for e in rows]
+    return [FlowEdgeRow(e.source, e.target, e.sourceHandle, e.targetHandle)
+            for e in session.scalars(select(FlowEdge).where(FlowEdge.flowId == request.flow_id).order_by(FlowEdge.edgeId))]
+
+
+def node_data(node_id: str, data: Any) -> dict[str, Any]:
+    """A node's ``data`` as a JSON object, with a clear error when it is not one."""
+    if isinstance(data, str):  # some rows carry JSON text instead of a JSON object
         try:
             data = json.loads(data)
         except ValueError as exc:
@@ -75,7 +120,45 @@ def load_node(session: Session, request: ExecutionRequest, node_id: str) -> Node
         data = {}
     if not isinstance(data, dict):
         raise UserConfigError(f"Node {node_id} has malformed data: expected a JSON object.")
-    return NodeTask(request=request, node_id=node_id, node_type=node.type, data=data)
+    return data
+
+
+def load_node(session: Session, request: ExecutionRequest, node_id: str) -> NodeTask:
+    """``getInfoInDatabase``: the node's type and data, with clear errors for what can't run."""
+    node = read_nodes(session, request, [node_id]).get(node_id)
+    if node is None:
+        if request.flow_version_history_id:
+            raise UserConfigError(f"Node {node_id} is not in version {request.flow_version_history_id} "
+                                  f"of flow {request.flow_id}.")
+        raise UserConfigError(f"Node {node_id} was not found in flow {request.flow_id}.")
+    node_type, data = node
+    return NodeTask(request=request, node_id=node_id, node_type=node_type, data=node_data(node_id, data))
+
+
+def cancel_requested(session: Session, pending_id: int | None) -> bool:
+    if pending_id is None:
+        return False
+    row = session.get(PendingExecution, pending_id)
+    return row is not None and row.cancel_requested_at is not None
+
+
+def cancellation_check(database_url: str, pending_id: int | None, interval_s: float = 0.5) -> Callable[[], bool]:
+    """A cheap "was this execution cancelled?" for long work to ask often: it reads
+    ``cancel_requested_at`` at most every ``interval_s``, and stays true once it saw it."""
+    last_read, seen = [float("-inf")], [False]
+
+    def cancelled() -> bool:
+        if seen[0] or pending_id is None or time.monotonic() - last_read[0] < interval_s:
+            return seen[0]
+        last_read[0] = time.monotonic()
+        try:
+            with session_scope(database_url) as session:
+                seen[0] = cancel_requested(session, pending_id)
+        except SQLAlchemyError:  # the work goes on; the next read may see it
+            log.warning("Could not read the cancellation of execution %s", pending_id, exc_info=True)
+        return seen[0]
+
+    return cancelled
 
 
 def merge_node_data(session: Session, task: NodeTask, updates: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +169,8 @@ def merge_node_data(session: Session, task: NodeTask, updates: dict[str, Any]) -
         .with_for_update()
     )
     if node is None:
+        if task.request.flow_version_history_id:
+            return updates  # a published node the working copy no longer has: node_executions keeps it
         raise UserConfigError(f"Node {task.node_id} was deleted while it ran.")
     current = node.data if isinstance(node.data, dict) else {}
     node.data = {**current, **updates}
@@ -128,6 +213,19 @@ def start_node_execution(session: Session, task: NodeTask, dagster_run_id: str) 
     }
 
 
+def _persist_output(session: Session, task: NodeTask, node_updates: dict[str, Any], output_data: dict[str, Any],
+                    output: str | None, output_type: str, metadata: dict[str, Any] | None, status: str) -> NodeExecution:
+    merge_node_data(session, task, node_updates)
+    row = _node_execution(session, task)
+    row.outputData = output_data
+    row.output = output
+    row.outputType = output_type
+    row.metadata_ = {**(row.metadata_ or {}), **(metadata or {}), "finishedAt": utcnow().isoformat()}
+    row.isError = False
+    row.status = status
+    return row
+
+
 def persist_node_success(
     session: Session,
     task: NodeTask,
@@ -139,14 +237,16 @@ def persist_node_success(
 ) -> None:
     """``persistNodeSuccess``: replace the execution's output, merge the same into the node."""
     updates = {**data_updates, "executionStatus": "COMPLETED", "errorMessage": None, "errorStatusCode": None}
-    merge_node_data(session, task, updates)
-    row = _node_execution(session, task)
-    row.outputData = data_updates
-    row.output = output
-    row.outputType = output_type
-    row.metadata_ = {**(row.metadata_ or {}), **(metadata or {}), "finishedAt": utcnow().isoformat()}
-    row.isError = False
-    row.status = "COMPLETED"
+    _persist_output(session, task, updates, data_updates, output, output_type, metadata, "COMPLETED")
+
+
+def persist_node_cancelled(session: Session, task: NodeTask, data_updates: dict[str, Any], output: str | None,
+                           output_type: str, metadata: dict[str, Any] | None = None) -> None:
+    """A node stopped by a cancellation keeps what it produced (reference §2.1 cancellation path):
+    merged with ``partialOutput: true`` and ``executionStatus: CANCELLED``, ``cancelledAt`` stamped."""
+    updates = {**data_updates, "executionStatus": "CANCELLED", "partialOutput": True}
+    row = _persist_output(session, task, updates, updates, output, output_type, metadata, "CANCELLED")
+    row.cancelledAt = utcnow()
 
 
 def record_node_error(session: Session, task: NodeTask, error: FluxError, stack: str) -> None:
@@ -175,7 +275,8 @@ def record_node_cancelled(
     row = _node_execution(session, task)
     row.status = "CANCELLED"
     row.cancelledAt = utcnow()
-    row.output = reason
+    if not (row.outputData or {}).get("partialOutput"):  # a kept partial output stays the output
+        row.output = reason
     row.metadata_ = {**(row.metadata_ or {}), "userMessage": reason, "notExecuted": not_executed,
                      **({"dagsterRunId": dagster_run_id} if dagster_run_id else {})}
 

@@ -44,6 +44,8 @@ def fail_execution(
             except FluxError:
                 task = None  # the node itself is what went missing: still log and notify
         fail_node(session, request, node_id, task, error, stack)
+    if request.kind == "delivery":  # no node status to show: the row and the error log say it
+        return True
     try:
         notifier.publish(request, node_id, "FAILED", error.user_message)
     except Exception:  # the row is failed and logged; a lost notification must not hide that
@@ -63,6 +65,8 @@ def cancel_execution(database_url: str, notifier: Notifier, pending_id: int, dag
                 record_node_cancelled(session, load_node(session, request, row.node_id), reason)
             except FluxError:
                 pass  # nothing to mark on a node that does not exist
+    if request.kind == "delivery":
+        return True
     try:
         notifier.publish(request, row.node_id or "", "CANCELLED", reason)
     except Exception:

@@ -40,7 +40,8 @@ class NodeServices:
 
 def _text_generator(s: NodeServices, task: NodeTask) -> NodeOutcome:
     tg.validate_access(s.main_api, task)
-    generation = tg.generate(s.database_url, s.llm, task, generation_id=f"{s.dagster_run_id}/{task.node_id}")
+    generation = tg.generate(s.database_url, s.llm, task, generation_id=f"{s.dagster_run_id}/{task.node_id}",
+                             main_api=s.main_api, notifier=s.notifier)
     return files.save_output_file(s.database_url, s.file_store, tg.charge(s.main_api, task, generation))
 
 

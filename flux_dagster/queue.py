@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from flux_dagster.db.models import TERMINAL_STATUSES, PendingExecution, utcnow
 from flux_dagster.execution import ExecutionRequest
 
-KINDS = ("node", "agent")
+KINDS = ("node", "agent", "delivery")
 
 
 def enqueue(session: Session, **fields: Any) -> PendingExecution:
@@ -81,6 +81,8 @@ def malformed_reason(row: PendingExecution) -> str | None:
     missing = [name for name in ("exec_id", "flow_id", "user_id") if not getattr(row, name)]
     if row.kind == "node" and not row.node_id:
         missing.append("node_id")
+    if row.kind == "delivery" and not row.payload:
+        missing.append("payload (the delivery plan)")
     if missing:
         return f"Execution row is missing {', '.join(missing)}."
     return None
@@ -97,6 +99,7 @@ def request_of(row: PendingExecution) -> ExecutionRequest:
         run_id=row.run_id,
         pending_execution_id=row.id,
         kind=row.kind,
+        socket_id=row.socket_id,
     )
 
 

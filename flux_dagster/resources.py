@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from flux_dagster import settings
 from flux_dagster.db.engine import session_scope
+from flux_dagster.delivery.resource import delivery_from_env
 from flux_dagster.files.resource import file_store_from_env
 from flux_dagster.llm.providers import PROVIDERS, LlmClient, ProviderCredentials
 from flux_dagster.scripting.resource import ScriptRunnerResource
@@ -45,9 +46,11 @@ class NotifierResource(ConfigurableResource):
     database: AppDatabase
     redis_url: str | None = None
     channel: str = "room_status_updated"
+    stream_channel: str = "node_output_stream"
 
     def client(self) -> Notifier:
-        return Notifier(database_url=self.database.url, redis_url=self.redis_url, channel=self.channel)
+        return Notifier(database_url=self.database.url, redis_url=self.redis_url, channel=self.channel,
+                        stream_channel=self.stream_channel)
 
 
 class LlmResource(ConfigurableResource):
@@ -118,11 +121,13 @@ def build_resources() -> dict[str, ConfigurableResource]:
             database=database,
             redis_url=_env("REDIS_URL"),
             channel=os.environ.get("FLUX_STATUS_CHANNEL", "room_status_updated"),
+            stream_channel=os.environ.get("FLUX_STREAM_CHANNEL", "node_output_stream"),
         ),
         "llm": LlmResource(offline=offline, **{k: v for k, v in llm_fields.items() if v is not None}),
         "script_runner": ScriptRunnerResource.from_env(),
         "file_store": file_store_from_env(),
         "media_apis": MediaApisResource(**{k: v for k, v in _media_api_fields().items() if v is not None}),
+        "delivery_settings": delivery_from_env(),
     }
 
 

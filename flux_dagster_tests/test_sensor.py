@@ -70,7 +70,7 @@ def test_malformed_and_cancelled_rows_end_without_a_run_and_do_not_stop_the_tick
     assert [r.run_key for r in requests if isinstance(r, RunRequest)] == [f"pending-execution-{good[0]}"]
     with session_scope(app_db_url) as s:
         status = {r.id: (r.status, r.error) for r in s.scalars(select(PendingExecution))}
-    assert status[bad_kind[0]] == ("failed", "Unknown execution kind 'robot': expected one of node, agent.")
+    assert status[bad_kind[0]] == ("failed", "Unknown execution kind 'robot': expected one of node, agent, delivery.")
     assert status[no_node[0]] == ("failed", "Execution row is missing node_id.")
     assert status[no_user[0]] == ("failed", "Execution row is missing user_id.")
     assert status[cancelled[0]] == ("cancelled", "Cancelled before it started.")

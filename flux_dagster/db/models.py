@@ -78,6 +78,19 @@ class FlowEdge(AppBase):
     updatedAt: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class FlowVersionHistory(AppBase):
+    """A published version of a flow: its nodes (``[{nodeId, type, data}]``, as in ``flows_nodes``)
+    and edges (shaped like ``flows_nodes_edges`` rows), frozen when it was published."""
+
+    __tablename__ = "flows_version_history"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    flowId: Mapped[str] = mapped_column(String(36), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    nodes: Mapped[list[dict[str, Any]]] = mapped_column(Json, default=list)
+    edges: Mapped[list[dict[str, Any]]] = mapped_column(Json, default=list)
+    createdAt: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class NodeExecution(AppBase):
     __tablename__ = "node_executions"
     __table_args__ = (UniqueConstraint("execId", "nodeId"),)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +31,10 @@ class StoredObject:
 class FileStore(Protocol):
     def save(self, key: str, content: bytes, *, content_type: str, download_name: str) -> StoredObject: ...
 
+    def load(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> None: ...
+
 
 def content_disposition(download_name: str) -> str:
     """``attachment`` with an ASCII fallback name and the exact UTF-8 one (RFC 6266)."""
@@ -40,10 +46,23 @@ class LocalFileStore:
     def __init__(self, root: Path):
         self.root = root.resolve()
 
-    def save(self, key: str, content: bytes, *, content_type: str, download_name: str) -> StoredObject:
+    def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         if not path.is_relative_to(self.root):
-            raise SystemError_("A generated file key points outside the file store.", dev_message=key)
+            raise SystemError_("A file key points outside the file store.", dev_message=key)
+        return path
+
+    def load(self, key: str) -> bytes:
+        path = self._path(key)
+        if not path.is_file():
+            raise SystemError_(f"The file store has no {key}.")
+        return path.read_bytes()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def save(self, key: str, content: bytes, *, content_type: str, download_name: str) -> StoredObject:
+        path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename: a reader never sees half a file, and a re-run replaces it whole.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -82,17 +101,13 @@ class S3FileStore:
         )
         return boto3.client("s3", config=config, **self._client_args)
 
-    def save(self, key: str, content: bytes, *, content_type: str, download_name: str) -> StoredObject:
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """S3 failures as the error classes: 5xx and throttling retryable, configuration not."""
         from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
-        full_key = f"{self.prefix}/{key}" if self.prefix else key
         try:
-            client = self._client()
-            client.put_object(Bucket=self.bucket, Key=full_key, Body=content, ContentType=content_type,
-                              ContentDisposition=content_disposition(download_name))
-            src = client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": full_key}, ExpiresIn=self.link_expiry_s
-            )
+            yield
         except (ConnectionError, HTTPClientError) as exc:
             raise IntegrationError("The file store could not be reached.", dev_message=f"S3: {exc}") from exc
         except ClientError as exc:
@@ -100,8 +115,27 @@ class S3FileStore:
             code = exc.response.get("Error", {}).get("Code", "")
             transient = status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
             raise (IntegrationError if transient else SystemError_)(
-                "The file store refused the generated file.", dev_message=f"S3 {code} ({status}): {exc}"
+                f"The file store refused {what}.", dev_message=f"S3 {code} ({status}): {exc}"
             ) from exc
         except BotoCoreError as exc:  # missing credentials, bad region…: configuration, not transient
             raise SystemError_("The file store is misconfigured.", dev_message=f"S3: {exc}") from exc
+
+    def save(self, key: str, content: bytes, *, content_type: str, download_name: str) -> StoredObject:
+        full_key = f"{self.prefix}/{key}" if self.prefix else key
+        with self._errors("the generated file"):
+            client = self._client()
+            client.put_object(Bucket=self.bucket, Key=full_key, Body=content, ContentType=content_type,
+                              ContentDisposition=content_disposition(download_name))
+            src = client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": full_key}, ExpiresIn=self.link_expiry_s
+            )
         return StoredObject(key=full_key, src=src)
+
+    # Objects other services put in the bucket (delivery plans): full keys, no prefix added.
+    def load(self, key: str) -> bytes:
+        with self._errors(f"reading {key}"):
+            return self._client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def delete(self, key: str) -> None:
+        with self._errors(f"deleting {key}"):
+            self._client().delete_object(Bucket=self.bucket, Key=key)  # a missing key is no error

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import SystemAiModel, utcnow
-from flux_dagster.errors import SystemError_, UserConfigError
-from flux_dagster.execution import NodeOutcome, NodeTask, persist_node_success
-from flux_dagster.llm.providers import Generation, GenerationOptions, GenerationRequest, LlmClient
+from flux_dagster.errors import ExecutionCancelled, SystemError_, UserConfigError, classify
+from flux_dagster.execution import (
+    NodeOutcome, NodeTask, cancellation_check, persist_node_cancelled, persist_node_success,
+)
+from flux_dagster.llm.providers import Generation, GenerationOptions, GenerationRequest, LlmClient, StreamState
+from flux_dagster.nodes.netguard import AllowList, http_url, resolve_permitted
 from flux_dagster.services.main_api import MainApi, TokenCharge
+from flux_dagster.services.notifications import Notifier, StreamPublisher
 
 NODE_TYPE = "commandTextNode"
+
+log = logging.getLogger(__name__)
 
 MODEL_FIELD_BY_AI_SYSTEM = {
     "openai": "aiModel",
@@ -47,6 +57,12 @@ PROMPT_SECTIONS = (
     ("Task", "promptData", "prompt"),
 )
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
+# Multimodal (§4.1 step 5): image URLs of the prompt become image parts, at most this many.
+MAX_IMAGES = 3
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+URL_PATTERN = re.compile(r"https?://[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]]")
+# Image URLs pass the API caller's network guard (and its allow-list).
+IMAGE_URL_ALLOWED_HOSTS_ENV = "FLUX_APICALLER_ALLOWED_HOSTS"
 FALLBACK_USER_MESSAGE = "Complete the task described in the system prompt."
 PREVIEW_RESPONSES_KEPT = 3
 
@@ -192,11 +208,57 @@ def build_provider_options(company: str, data: dict[str, Any], model: SystemAiMo
         opts["max_tokens"] = opts.get("max_tokens") or model.maxOutputToken
     if d.get("autoToken") and model.maxOutputToken:
         opts["max_tokens"] = model.maxOutputToken
+    if d.get("webSearch"):
+        opts.update(web_search=True, web_search_max_uses=_opt_int(d.get("webSearchMaxUses")))
     return GenerationOptions(reasoning=reasoning, **opts)
 
 
 def api_model_id(company: str, model_name: str) -> str:
     return ANTHROPIC_MODEL_IDS.get(model_name, model_name) if company == "anthropic" else model_name
+
+
+def is_image_url(url: str) -> bool:
+    return urlsplit(url).path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_image_url(url: str) -> None:
+    """The provider fetches the URL on the user's behalf: the API caller's rules apply."""
+    parsed = http_url(url, what="image URL", field="multimodalEnabled")
+    resolve_permitted(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80),
+                      AllowList.from_env(IMAGE_URL_ALLOWED_HOSTS_ENV), IMAGE_URL_ALLOWED_HOSTS_ENV, "image URL")
+
+
+def extract_images(data: dict[str, Any], model: SystemAiModel) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """With ``multimodalEnabled``: the first image URLs of the prompt (``promptData``, then
+    ``prompt``), taken out of its text; a model that cannot see them is a user error."""
+    if not data.get("multimodalEnabled"):
+        return data, ()
+    found: list[str] = []
+
+    def take(match: re.Match) -> str:
+        url = match.group(0)
+        if len(found) < MAX_IMAGES and is_image_url(url):
+            found.append(url)
+            return ""
+        return url
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, str):
+            return URL_PATTERN.sub(take, value).strip()
+        if isinstance(value, list):
+            return [{**item, "text": strip(item["text"])} if isinstance(item, dict) and isinstance(item.get("text"), str)
+                    else strip(item) for item in value]
+        return value
+
+    stripped = {**data, "promptData": strip(data.get("promptData")), "prompt": strip(data.get("prompt"))}
+    if not found:
+        return data, ()
+    if not model.isVisionModel:
+        raise UserConfigError(f"The model {model.modelName} cannot read images (it is not a vision model): choose a "
+                              "vision model or turn multimodal off.", field="multimodalEnabled")
+    for url in found:
+        check_image_url(url)
+    return stripped, tuple(found)
 
 
 @dataclass(frozen=True)
@@ -209,6 +271,7 @@ class TextGeneration:
     model: str
     ai_system: str
     generation_id: str
+    estimated: bool = False
 
 
 def find_model(session: Session, model_name: str) -> SystemAiModel:
@@ -223,21 +286,49 @@ def find_model(session: Session, model_name: str) -> SystemAiModel:
 
 def build_request(task: NodeTask, model: SystemAiModel) -> GenerationRequest:
     company = model.aiCompany.lower()
+    data, images = extract_images(task.data, model)
     return GenerationRequest(
         company=company,
         model=api_model_id(company, model.modelName),
-        system=build_system_prompt(task.data),
-        messages=tuple(build_messages(task.data, task.request.session_id)),
-        options=build_provider_options(company, task.data, model),
+        system=build_system_prompt(data),
+        messages=tuple(build_messages(data, task.request.session_id)),
+        options=build_provider_options(company, data, model),
+        images=images,
     )
+
+
+def generation_logs(generation: Generation) -> str:
+    """The ``logs`` JSON of the newer original (§4.1 step 10)."""
+    return json.dumps({"reasoning": generation.reasoning, "sources": list(generation.sources),
+                       "toolCalls": list(generation.tool_calls), "toolResults": list(generation.tool_results),
+                       "finishReason": generation.finish_reason})
+
+
+def generation_metadata(generation: Generation, model: SystemAiModel, logs: str) -> dict[str, Any]:
+    tokens = {"input": generation.input_tokens, "output": generation.output_tokens}
+    if generation.reasoning_tokens:
+        tokens["reasoning"] = generation.reasoning_tokens
+    if generation.estimated:
+        tokens["estimated"] = True
+    return {"tokens": tokens, "model": model.modelName, "aiCompany": model.aiCompany, "logs": logs,
+            "provider": generation.provider}
+
+
+def persist_cancelled(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel) -> str:
+    """The answer so far, kept as a partial output (``partialOutput: true``, CANCELLED)."""
+    output = generation.text or generation.reasoning
+    logs = generation_logs(generation)
+    updates = {"text": output, "logs": logs,
+               "nodeUsedTokens": _int(task.data.get("nodeUsedTokens"), 0) + generation.input_tokens + generation.output_tokens}
+    persist_node_cancelled(session, task, updates, output, "text", generation_metadata(generation, model, logs))
+    return output
 
 
 def persist_generation(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel) -> str:
     """Write ``text``, ``logs``, tokens, previews and session memory; return the output."""
     data = task.data
     output = generation.text or generation.reasoning
-    logs = json.dumps({"reasoning": generation.reasoning, "sources": [], "toolCalls": [], "toolResults": [],
-                       "finishReason": generation.finish_reason})
+    logs = generation_logs(generation)
     now = utcnow().isoformat()
     previews = [*(data.get("previewResponses") or []), output][-PREVIEW_RESPONSES_KEPT:]
     updates: dict[str, Any] = {
@@ -246,6 +337,8 @@ def persist_generation(session: Session, task: NodeTask, generation: Generation,
         "nodeUsedTokens": _int(data.get("nodeUsedTokens"), 0) + generation.input_tokens + generation.output_tokens,
         "previewResponses": previews,
     }
+    if data.get("partialOutput"):  # an earlier cancelled run's flag
+        updates["partialOutput"] = False
     prompt = section_text(data, "promptData", "prompt")
     if data.get("memory") and prompt:
         sessions = [s for s in (data.get("userSessionsChat") or []) if isinstance(s, dict)]
@@ -257,11 +350,8 @@ def persist_generation(session: Session, task: NodeTask, generation: Generation,
                                {"role": "user", "content": prompt, "createdAt": now},
                                {"role": "assistant", "content": output, "createdAt": now}]
         updates["userSessionsChat"] = sessions
-    persist_node_success(
-        session, task, data_updates=updates, output=output, output_type="text",
-        metadata={"tokens": {"input": generation.input_tokens, "output": generation.output_tokens},
-                  "model": model.modelName, "aiCompany": model.aiCompany, "logs": logs, "provider": generation.provider},
-    )
+    persist_node_success(session, task, data_updates=updates, output=output, output_type="text",
+                         metadata=generation_metadata(generation, model, logs))
     return output
 
 
@@ -274,20 +364,67 @@ def validate_access(main_api: MainApi, task: NodeTask) -> None:
     main_api.validate_model_access(task.request.flow_id, model, ai_system)
 
 
-def generate(database_url: str, llm: LlmClient, task: NodeTask, generation_id: str) -> TextGeneration:
-    """``textGenerator``: call the provider and persist what it said.
+def generate(database_url: str, llm: LlmClient, task: NodeTask, generation_id: str, *,
+             main_api: MainApi, notifier: Notifier) -> TextGeneration:
+    """``textGenerator``: stream the provider's answer and persist what it said.
 
     ``generation_id`` names this generation for billing: the caller derives it from the run that
-    generates, so retries and re-executions that reuse this output reuse its charge key."""
+    generates, so retries and re-executions that reuse this output reuse its charge key.
+
+    With a ``socket_id`` the growing answer is published as it arrives (throttled). A cancellation
+    (``cancel_requested_at``, seen between stream events, or the run's interrupt) closes the
+    stream and settles here: the partial answer is kept and the tokens used so far are charged
+    once, with the same idempotency key as a finished generation; then ``ExecutionCancelled``
+    (or the interrupt) goes on."""
     ai_system, model_name = resolve_model(task.data)
     with session_scope(database_url) as session:
         model = find_model(session, model_name)
-    generation = llm.generate(build_request(task, model))  # no DB transaction held meanwhile
+    request = build_request(task, model)
+    publisher = StreamPublisher(notifier, task.request, task.node_id) if task.request.socket_id else None
+    state = StreamState(on_text=publisher.update if publisher else None)
+    should_stop = cancellation_check(database_url, task.request.pending_execution_id)
+    try:
+        generation = llm.generate(request, state, should_stop)  # no DB transaction held meanwhile
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            raise
+        state.cancelled = True  # the run's interrupt, mid-stream: settle, then let it end the run
+        _settle_cancelled(database_url, main_api, task, state.generation(request), model, ai_system,
+                          generation_id, publisher)
+        raise
+    result = TextGeneration(output=generation.text or generation.reasoning, input_tokens=generation.input_tokens,
+                            output_tokens=generation.output_tokens, model=model_name, ai_system=ai_system,
+                            generation_id=generation_id, estimated=generation.estimated)
+    if generation.cancelled:
+        _settle_cancelled(database_url, main_api, task, generation, model, ai_system, generation_id, publisher)
+        raise ExecutionCancelled("The execution was cancelled while the model was answering; the partial "
+                                 "answer is kept.")
     with session_scope(database_url) as session:
-        output = persist_generation(session, task, generation, model)
-    return TextGeneration(output=output, input_tokens=generation.input_tokens,
-                          output_tokens=generation.output_tokens, model=model_name, ai_system=ai_system,
-                          generation_id=generation_id)
+        persist_generation(session, task, generation, model)
+    if publisher:
+        publisher.finish(result.output, "COMPLETED", generation.input_tokens, generation.output_tokens)
+    return result
+
+
+def _settle_cancelled(database_url: str, main_api: MainApi, task: NodeTask, generation: Generation,
+                      model: SystemAiModel, ai_system: str, generation_id: str,
+                      publisher: StreamPublisher | None) -> None:
+    with session_scope(database_url) as session:
+        output = persist_cancelled(session, task, generation, model)
+    partial = TextGeneration(output=output, input_tokens=generation.input_tokens, output_tokens=generation.output_tokens,
+                             model=model.modelName, ai_system=ai_system, generation_id=generation_id,
+                             estimated=generation.estimated)
+    try:
+        # Retried here: a retried op would generate again. A charge still failing stays ``pending``
+        # in token_ledger, under the same key, for an operator to settle.
+        for attempt in Retrying(stop=stop_after_attempt(4), wait=wait_exponential_jitter(initial=0.5, max=5),
+                                retry=retry_if_exception(lambda e: classify(e).retryable), reraise=True):
+            with attempt:
+                charge(main_api, task, partial)
+    except Exception:
+        log.exception("The charge of cancelled generation %s could not be sent", generation_id)
+    if publisher:
+        publisher.finish(output, "CANCELLED", generation.input_tokens, generation.output_tokens)
 
 
 def charge(main_api: MainApi, task: NodeTask, generation: TextGeneration) -> NodeOutcome:
@@ -298,7 +435,7 @@ def charge(main_api: MainApi, task: NodeTask, generation: TextGeneration) -> Nod
         flow_id=task.request.flow_id, user_id=task.request.user_id, exec_id=task.request.exec_id,
         node_id=task.node_id, model=generation.model, ai_system=generation.ai_system,
         input_tokens=generation.input_tokens, output_tokens=generation.output_tokens,
-        generation_id=generation.generation_id, label=task.label,
+        generation_id=generation.generation_id, label=task.label, estimated=generation.estimated,
     )
     charged = main_api.charge_tokens(token_charge)
     return NodeOutcome(task=task, output=generation.output, message="Node executed successfully",

@@ -28,6 +28,7 @@ class ExecutionParams(Config):
     session_id: str | None = None
     flow_version_history_id: str | None = None
     run_id: str | None = None
+    socket_id: str | None = None
 
 
 class ExecutionConfig(ExecutionParams):

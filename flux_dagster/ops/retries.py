@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dagster import Backoff, Failure, Jitter, RetryPolicy
 from dagster._core.errors import DagsterExecutionInterruptedError
 
-from flux_dagster.errors import FluxError, classify
+from flux_dagster.errors import ExecutionCancelled, FluxError, classify
 
 CANCELLED_MESSAGE = "The execution was cancelled."
 
@@ -49,7 +49,16 @@ RETRY_POLICIES: dict[str, RetryPolicy] = {
     "generate_execution_logs": _policy(2, 0.5),
     # process_agent: a node's whole stage chain, retried inside its step (see agent.retrying).
     "agent_node": _policy(3, 1.0),
+    # deliver_run_outputs (reference §2.3): attempts − 1 retries. Email and callback delays double
+    # from the first, capped (delivery_retry_delay); the report/delete ones never reach their 30 s cap.
+    "load_delivery_plan": _policy(3, 1.0),
+    "deliver_email": _policy(2, 30.0),
+    "deliver_callback": _policy(7, 5.0),
+    "report_delivery_outcome": _policy(4, 1.0),
+    "delete_delivery_plan": _policy(4, 1.0),
 }
+
+DELIVERY_DELAY_CAPS_S = {"deliver_email": 120.0, "deliver_callback": 120.0}
 
 
 @contextmanager
@@ -57,8 +66,9 @@ def node_errors() -> Iterator[None]:
     """Classify whatever the body raises: retryable errors go to the RetryPolicy, others stop."""
     try:
         yield
-    except DagsterExecutionInterruptedError as exc:
-        # A terminated run: Dagster would retry an interrupted step that has a RetryPolicy.
+    except (DagsterExecutionInterruptedError, ExecutionCancelled) as exc:
+        # A terminated run (or a node that stopped for a cancellation): Dagster would retry an
+        # interrupted step that has a RetryPolicy.
         raise Failure(description=CANCELLED_MESSAGE, allow_retries=False) from exc
     except Failure:
         raise
@@ -87,5 +97,15 @@ def error_of(exc: BaseException | None) -> FluxError:
 def was_interrupted(exc: BaseException | None) -> bool:
     """Whether a step failed because its run was terminated (not because its work failed)."""
     return isinstance(exc, (DagsterExecutionInterruptedError, KeyboardInterrupt)) or (
-        isinstance(exc, Failure) and isinstance(exc.__cause__, DagsterExecutionInterruptedError)
+        isinstance(exc, Failure) and isinstance(exc.__cause__, (DagsterExecutionInterruptedError, ExecutionCancelled))
     )
+
+
+def delivery_retry_delay(name: str, retry_number: int, at_least_s: float | None = None) -> float:
+    """The reference's delivery backoff: first delay × 2^retry, capped; a ``Retry-After`` the
+    receiver asked for is honoured up to the same cap."""
+    cap = DELIVERY_DELAY_CAPS_S[name] * _DELAY_SCALE
+    delay = min(cap, RETRY_POLICIES[name].delay * 2**retry_number)
+    if at_least_s is not None:
+        delay = max(delay, min(cap, at_least_s * _DELAY_SCALE))
+    return delay

@@ -5,7 +5,7 @@ from dagster import OpExecutionContext, op
 from flux_dagster.execution import NodeOutcome, NodeTask
 from flux_dagster.nodes import text_generator as tg
 from flux_dagster.ops.retries import RETRY_POLICIES, node_errors
-from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource
+from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, NotifierResource
 
 
 @op(retry_policy=RETRY_POLICIES["validate_model_access"])
@@ -17,10 +17,12 @@ def validate_model_access(task: NodeTask, main_api: MainApiResource) -> NodeTask
 
 @op(retry_policy=RETRY_POLICIES["text_generator"])
 def text_generator(
-    context: OpExecutionContext, task: NodeTask, app_db: AppDatabase, llm: LlmResource
+    context: OpExecutionContext, task: NodeTask, app_db: AppDatabase, llm: LlmResource,
+    main_api: MainApiResource, notifier: NotifierResource,
 ) -> tg.TextGeneration:
     with node_errors():
-        generation = tg.generate(app_db.url, llm.client(), task, generation_id=f"{context.run_id}/{context.op_handle}")
+        generation = tg.generate(app_db.url, llm.client(), task, generation_id=f"{context.run_id}/{context.op_handle}",
+                                 main_api=main_api.client(), notifier=notifier.client())
     context.add_output_metadata({"input_tokens": generation.input_tokens, "output_tokens": generation.output_tokens,
                                  "model": generation.model})
     return generation

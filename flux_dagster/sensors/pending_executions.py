@@ -31,6 +31,7 @@ from sqlalchemy import select, tuple_
 
 from flux_dagster import queue
 from flux_dagster.db.models import FlowNode, PendingExecution
+from flux_dagster.jobs.deliver_run_outputs import deliver_run_outputs
 from flux_dagster.jobs.process_agent import process_agent
 from flux_dagster.jobs.process_single_node import process_single_node
 from flux_dagster.ops.lifecycle import PENDING_EXECUTION_TAG
@@ -55,7 +56,8 @@ def run_key(row: PendingExecution) -> str:
 
 
 def run_request_for(row: PendingExecution, node_type: str | None) -> RunRequest:
-    """A node row runs ``process_single_node``, an agent row ``process_agent``."""
+    """A node row runs ``process_single_node``, an agent row ``process_agent``, a delivery row
+    ``deliver_run_outputs`` (its plan stays in the row: recipients never enter run config)."""
     tags = {
         PENDING_EXECUTION_TAG: str(row.id),
         "flux/exec_id": row.exec_id,
@@ -68,10 +70,14 @@ def run_request_for(row: PendingExecution, node_type: str | None) -> RunRequest:
     config = {
         "pending_execution_id": row.id, "exec_id": row.exec_id, "flow_id": row.flow_id, "user_id": row.user_id,
         "session_id": row.session_id, "flow_version_history_id": row.flow_version_history_id, "run_id": row.run_id,
+        "socket_id": row.socket_id,
     }
     if row.kind == "agent":
         job_name, first_op = process_agent.name, "load_flow"
         tags.update({"flux/node_type": "agent", "flux/run_id": row.run_id or ""})
+    elif row.kind == "delivery":
+        job_name, first_op = deliver_run_outputs.name, "load_delivery_plan"
+        tags.update({"flux/node_type": "delivery", "flux/run_id": row.run_id or ""})
     else:
         job_name, first_op = process_single_node.name, "notify_status_pending"
         config["node_id"] = row.node_id
@@ -171,7 +177,7 @@ def _evaluate(context: SensorEvaluationContext, app_db: AppDatabase, notifier: N
 def _shard(name: str) -> SensorDefinition:
     @sensor(
         name=name,
-        jobs=[process_single_node, process_agent],
+        jobs=[process_single_node, process_agent, deliver_run_outputs],
         minimum_interval_seconds=1,
         default_status=DefaultSensorStatus.RUNNING,
         description="Turns pending_executions rows into runs; long-polls the queue (see module doc).",

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from flux_dagster.db.engine import session_scope
-from flux_dagster.db.models import SystemAiModel, TokenLedgerEntry
-from flux_dagster.errors import IntegrationError, UserConfigError
+from flux_dagster.db.models import ExecutionLog, SystemAiModel, TokenLedgerEntry
+from flux_dagster.errors import IntegrationError, SystemError_, UserConfigError
 
 # Node data says ``anthropicai``/``perplexityai``; the model registry says ``anthropic``/``perplexity``.
 AI_SYSTEM_TO_COMPANY = {"anthropicai": "anthropic", "perplexityai": "perplexity"}
@@ -34,6 +34,7 @@ class TokenCharge:
     output_tokens: int
     generation_id: str
     label: str | None = None
+    estimated: bool = False  # no usage was reported: the tokens were counted
 
     @property
     def idempotency_key(self) -> str:
@@ -109,6 +110,30 @@ class MainApi:
                 entry.state = "charged"
         return charged
 
+    def report_delivery_failures(self, user_id: str, reports: list[dict]) -> None:
+        """``/worker/delivery-outcome`` once per delivery that failed for good: the main API writes
+        a "Delivery failed" row in the flow's log. Each call carries ``Idempotency-Key`` (the
+        delivery id), so a retried step's repeats can be dropped. Without ``URL_MAIN_API`` the same
+        rows go to ``execution_logs`` (all in one transaction)."""
+        if not self.url:
+            with session_scope(self.database_url) as session:
+                for report in reports:
+                    session.add(ExecutionLog(
+                        nodeId=report["nodeId"] or "", flowId=report["flowId"], userId=user_id, isError=True,
+                        message=f"Delivery failed: {report['channel']} ({report['lastErrorMessage']})"[:2000],
+                        metadata_=report,
+                    ))
+            return
+        for report in reports:
+            response = self._post("/worker/delivery-outcome", report,
+                                  headers={"Idempotency-Key": f"{report['deliveryId']}-outcome"})
+            if response.status_code >= 500 or response.status_code in (408, 429):
+                raise IntegrationError(f"Reporting a failed delivery failed (HTTP {response.status_code}).",
+                                       dev_message=response.text[:500])
+            if response.status_code >= 400:
+                raise SystemError_(f"The main API refused the delivery outcome (HTTP {response.status_code}).",
+                                   dev_message=response.text[:500])
+
 
 def _ledger_entry(charge: TokenCharge, key: str, state: str) -> TokenLedgerEntry:
     fields = asdict(charge)
@@ -116,6 +141,7 @@ def _ledger_entry(charge: TokenCharge, key: str, state: str) -> TokenLedgerEntry
         idempotency_key=key, exec_id=fields["exec_id"], flow_id=fields["flow_id"], node_id=fields["node_id"],
         user_id=fields["user_id"], model=fields["model"], ai_system=fields["ai_system"],
         input_tokens=fields["input_tokens"], output_tokens=fields["output_tokens"], state=state,
+        estimated=fields["estimated"],
     )
 
 

@@ -6,6 +6,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable
 from typing import Any, Callable
 
 
@@ -24,6 +25,8 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    # A streamed body (server-sent events): (pause before, bytes) pieces, the connection closed after.
+    chunks: Iterable[tuple[float, bytes]] | None = None
 
 
 class LoopbackServer:
@@ -32,6 +35,7 @@ class LoopbackServer:
     def __init__(self, handle: Callable[[Recorded], Reply]):
         self.handle = handle
         self.requests: list[Recorded] = []
+        self.closed_streams = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +53,9 @@ class LoopbackServer:
                 reply = outer.handle(recorded)
                 if reply.delay_s:
                     threading.Event().wait(reply.delay_s)
+                if reply.chunks is not None:
+                    self._stream(reply)
+                    return
                 payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
                 self.send_response(reply.status)
                 headers = {"content-type": "application/json", **reply.headers}
@@ -57,6 +64,22 @@ class LoopbackServer:
                 self.send_header("content-length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            def _stream(self, reply: Reply) -> None:
+                self.send_response(reply.status)
+                for k, v in {"content-type": "text/event-stream", **reply.headers}.items():
+                    self.send_header(k, v)
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    for pause, piece in reply.chunks:
+                        if pause:
+                            threading.Event().wait(pause)
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):  # the client closed the stream
+                    outer.closed_streams += 1
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
 

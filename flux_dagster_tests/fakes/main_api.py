@@ -28,4 +28,6 @@ class FakeMainApi(LoopbackServer):
                 return Reply(self.charge_failures.pop(0), {"success": False, "message": "billing down"})
             self.charges.setdefault(req.body["idempotencyKey"], req.body)
             return Reply(200, {"success": True, "message": "charged", "tokens": req.body["usedTokens"]})
+        if req.path == "/worker/delivery-outcome":
+            return Reply(200, {"success": True})
         return Reply(404, {"success": False, "message": "no route"})

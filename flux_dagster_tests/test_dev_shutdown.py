@@ -21,7 +21,7 @@ from flux_dagster_tests.conftest import add_node
 from flux_dagster_tests.test_e2e_daemon import REPO, free_port
 from flux_dagster_tests.test_shutdown import _alive, _wait_status
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_ctrl_c_on_dev_leaves_nothing_running(tmp_path):

@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: dev test test-slow bench system-deps
+.PHONY: dev test test-slow bench system-deps compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,14 @@ bench: $(VENV)/.installed system-deps
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+
+# The docker/ stack built and run end to end (docs/containers.md): starts a dockerd if none runs,
+# builds a Debian base image when FLUX_BASE_IMAGE is not given. Docker, compose and debootstrap
+# come from Debian's packages when missing.
+compose-test: $(VENV)/.installed
+	@missing=""; \
+	command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	[ -n "$$FLUX_BASE_IMAGE" ] || command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
+	$(VENV)/bin/pytest -m compose -s -p no:cacheprovider flux_dagster_tests/test_compose_stack.py

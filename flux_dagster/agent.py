@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying
 
 from flux_dagster.db.models import NodeExecution
 from flux_dagster.errors import ExecutionCancelled, UserConfigError, classify
@@ -306,16 +306,3 @@ def run_agent_node(services: NodeServices, node: AgentNode, *, retry: Retrying, 
         write_execution_log(session, request, node.node_id, message=outcome.message, metadata=task.data)
     services.notifier.publish(request, node.node_id, "COMPLETED")
     return "COMPLETED", outcome.message
-
-
-def retrying(max_retries: int, first_delay_s: float) -> Retrying:
-    """Retries inside the node's step (exponential backoff with jitter, retryable errors only).
-
-    Not Dagster step retries: a retried step goes back in the executor's queue behind the steps
-    waiting for it, which may hold every slot."""
-    return Retrying(
-        stop=stop_after_attempt(max_retries + 1),
-        wait=wait_exponential_jitter(initial=first_delay_s, max=60),
-        retry=retry_if_exception(lambda exc: classify(exc).retryable),
-        reraise=True,
-    )

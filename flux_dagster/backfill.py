@@ -1,7 +1,9 @@
-"""Bulk reprocessing: queue again the executions that failed in a time window (design §6)."""
+"""Bulk reprocessing: queue again the executions that failed in a time window (design §6), and
+running one execution's node(s) again on purpose, as a new execution."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -31,9 +33,19 @@ def requeue_failed(session: Session, start: datetime, end: datetime) -> list[int
     return [requeue_row(session, row).id for row in failed]
 
 
-def requeue_row(session: Session, row: PendingExecution) -> PendingExecution:
-    """A new ``pending`` row for the same execution (its own run key)."""
+def requeue_row(session: Session, row: PendingExecution, exec_id: str | None = None) -> PendingExecution:
+    """A new ``pending`` row for the same execution (its own run key), or for a new one (``exec_id``)."""
     new = PendingExecution(**{name: getattr(row, name) for name in REQUEUE_FIELDS})
+    new.exec_id = exec_id or new.exec_id
     session.add(new)
     session.flush()
     return new
+
+
+def rerun(session: Session, exec_id: str) -> PendingExecution | None:
+    """A new execution (new ``execId``) of what ``exec_id`` ran: generated and charged anew. A
+    re-execution of the old one's runs never does that (its completed nodes are reused)."""
+    row = session.scalars(
+        select(PendingExecution).where(PendingExecution.exec_id == exec_id).order_by(PendingExecution.id.desc())
+    ).first()
+    return None if row is None else requeue_row(session, row, exec_id=str(uuid.uuid4()))

@@ -32,6 +32,16 @@ def create_schema_cmd() -> None:
 
 
 @main.command()
+def migrate() -> None:
+    """Production: migrate only this project's own tables (Alembic), never the main API's."""
+    from flux_dagster.db.engine import migrate as migrate_own_tables
+
+    url = settings.database_url()
+    migrate_own_tables(url)
+    click.echo(f"own tables migrated in {_redact(url)}")
+
+
+@main.command()
 @click.option("--executions/--no-executions", default=False, help="Also queue one execution per demo node.")
 def seed(executions: bool) -> None:
     """Seed demo models, a demo flow and its nodes (idempotent)."""
@@ -116,6 +126,20 @@ def enqueue_problem(session, flow_id: str, node_id: str | None, user_id: str, ki
     if exec_id and session.scalar(select(PendingExecution.id).where(PendingExecution.exec_id == exec_id).limit(1)):
         return f"Execution {exec_id} is already queued; use a new --exec-id (or omit it)."
     return None
+
+
+@main.command()
+@click.argument("exec_id")
+def rerun(exec_id: str) -> None:
+    """Run an execution again on purpose: a new execution (new execId), generated and charged anew."""
+    from flux_dagster.backfill import rerun as rerun_execution
+    from flux_dagster.db.engine import session_scope
+
+    with session_scope(settings.database_url()) as session:
+        row = rerun_execution(session, exec_id)
+        if row is None:
+            raise click.ClickException(f"No execution with execId {exec_id}.")
+        click.echo(f"queued pending execution {row.id} (new execId {row.exec_id}, a rerun of {exec_id})")
 
 
 @main.command("queue")

@@ -9,10 +9,12 @@ from flux_dagster.resources import build_resources
 from flux_dagster.schedules import purge_history_schedule
 from flux_dagster.sensors.pending_executions import pending_executions_sensors
 from flux_dagster.sensors.run_outcomes import execution_run_canceled_sensor, execution_run_failure_sensor
+from flux_dagster.sensors.status_outbox import status_outbox_sensor
 
 defs = Definitions(
     jobs=[process_single_node, process_agent, requeue_failed_executions, purge_history_job, deliver_run_outputs],
     schedules=[purge_history_schedule],
-    sensors=[*pending_executions_sensors, execution_run_failure_sensor, execution_run_canceled_sensor],
+    sensors=[*pending_executions_sensors, execution_run_failure_sensor, execution_run_canceled_sensor,
+             status_outbox_sensor],
     resources=build_resources(),
 )

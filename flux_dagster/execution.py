@@ -200,7 +200,9 @@ def _node_execution(session: Session, task: NodeTask) -> NodeExecution:
 
 def start_node_execution(session: Session, task: NodeTask, dagster_run_id: str) -> None:
     row = _node_execution(session, task)
-    row.type = task.node_type
+    if row.status == "COMPLETED":
+        return  # an earlier run completed it: the node's stages reuse that output (see ops/guards.py)
+    row.type = task.node_type or row.type
     row.input = row.input or task.data
     row.status = "RUNNING"
     row.isError = False
@@ -249,21 +251,33 @@ def persist_node_cancelled(session: Session, task: NodeTask, data_updates: dict[
     row.cancelledAt = utcnow()
 
 
-def record_node_error(session: Session, task: NodeTask, error: FluxError, stack: str) -> None:
-    """``nodeExecutionError``: the node and its execution row say FAILED, with the user message."""
-    merge_node_data(
-        session,
-        task,
-        {"executionStatus": "FAILED", "errorMessage": error.user_message,
-         "errorStatusCode": getattr(error, "status_code", None)},
-    )
-    row = _node_execution(session, task)
+def record_node_error(session: Session, request: ExecutionRequest, node_id: str, task: NodeTask | None,
+                      error: FluxError, stack: str) -> None:
+    """``nodeExecutionError``: the execution row says FAILED with the user message, and so does the
+    node when it could be loaded (``task``); a node whose data is unreadable still gets its row ended."""
+    if task is not None:
+        merge_node_data(
+            session,
+            task,
+            {"executionStatus": "FAILED", "errorMessage": error.user_message,
+             "errorStatusCode": getattr(error, "status_code", None)},
+        )
+    row = _node_execution(session, task or NodeTask(request=request, node_id=node_id, node_type="", data={}))
     row.isError = True
     row.outputType = "error"
     row.output = error.user_message
     row.status = "FAILED"
     row.metadata_ = {**(row.metadata_ or {}), "stack": stack, "code": error.code,
                      "userMessage": error.user_message, "finishedAt": utcnow().isoformat()}
+
+
+def completed_execution(session: Session, request: ExecutionRequest, node_id: str) -> NodeExecution | None:
+    """The node's execution row when an earlier run of this execution already completed it:
+    a re-execution reuses its output instead of generating (and charging) again."""
+    row = session.scalar(
+        select(NodeExecution).where(NodeExecution.execId == request.exec_id, NodeExecution.nodeId == node_id)
+    )
+    return row if row is not None and row.status == "COMPLETED" else None
 
 
 def record_node_cancelled(

@@ -23,8 +23,8 @@ def fail_node(session, request: ExecutionRequest, node_id: str, task: NodeTask |
         session, request, node_id, message=error.user_message, error_stack=stack,
         metadata=task.data if task else None, is_error=True,
     )
-    if task is not None:
-        record_node_error(session, task, error, stack)
+    if node_id:
+        record_node_error(session, request, node_id, task, error, stack)
 
 
 def fail_execution(

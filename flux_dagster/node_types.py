@@ -48,7 +48,7 @@ def _text_generator(s: NodeServices, task: NodeTask) -> NodeOutcome:
 def _image_generator(s: NodeServices, task: NodeTask) -> NodeOutcome:
     return image_generator.run_image_generator(
         s.sessions, task, llm=s.llm, store=s.file_store, main_api=s.main_api,
-        generation_id=f"{s.dagster_run_id}/{task.node_id}",
+        generation_id=f"{s.dagster_run_id}/{task.node_id}", media=s.media,
     )
 
 

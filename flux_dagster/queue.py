@@ -10,6 +10,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from flux_dagster.db.models import TERMINAL_STATUSES, PendingExecution, utcnow
+from flux_dagster.errors import bounded
 from flux_dagster.execution import ExecutionRequest
 
 KINDS = ("node", "agent", "delivery")
@@ -123,6 +124,7 @@ def finish(session: Session, pending_id: int, dagster_run_id: str, status: str, 
     A re-execution is a new Dagster run, so it may finish the row again.
     """
     assert status in TERMINAL_STATUSES
+    error = bounded(error) if error else error
     result = session.execute(
         update(PendingExecution)
         .where(
@@ -138,20 +140,23 @@ def finish(session: Session, pending_id: int, dagster_run_id: str, status: str, 
     return result.rowcount == 1
 
 
-def cancel_requested_runs(session: Session) -> list[str]:
-    """Runs of node executions cancelled while running (agents stop cooperatively, between nodes)."""
-    return list(session.scalars(
-        select(PendingExecution.dagster_run_id).where(
-            PendingExecution.status == "running", PendingExecution.kind == "node",
-            PendingExecution.cancel_requested_at.is_not(None), PendingExecution.dagster_run_id.is_not(None),
-        )
-    ))
+def cancel_requested_runs(session: Session) -> tuple[list[str], list[int]]:
+    """Executions cancelled after their run was requested: the Dagster runs of running ones, and
+    the ids of ``launched`` ones (their run is queued or starting; found by its tag)."""
+    rows = session.execute(
+        select(PendingExecution.id, PendingExecution.status, PendingExecution.dagster_run_id, PendingExecution.kind)
+        .where(PendingExecution.status.in_(("launched", "running")), PendingExecution.cancel_requested_at.is_not(None))
+    ).all()
+    # A running agent stops cooperatively: its nodes check the cancellation before they start.
+    running = [run_id for _, status, run_id, kind in rows if status == "running" and run_id and kind != "agent"]
+    launched = [id_ for id_, status, _, _ in rows if status == "launched"]
+    return running, launched
 
 
 def fail_unlaunchable(session: Session, row: PendingExecution, reason: str, status: str = "failed") -> None:
     """End a row that never gets a run (malformed, or cancelled while queued)."""
     row.status = status
-    row.error = reason
+    row.error = bounded(reason)
     row.finished_at = utcnow()
 
 

@@ -87,6 +87,14 @@ class MediaApisResource(ConfigurableResource):
 
     search_api_key: str | None = None
     search_api_base_url: str | None = None
+    gemini_key: str | None = None
+    gemini_base_url: str | None = None
+    fal_key: str | None = None
+    fal_base_url: str | None = None
+    stability_key: str | None = None
+    stability_base_url: str | None = None
+    ideogram_key: str | None = None
+    ideogram_base_url: str | None = None
 
     def client(self) -> MediaApis:
         credentials = {}

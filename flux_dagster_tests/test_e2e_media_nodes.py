@@ -10,9 +10,11 @@ import pytest
 from flux_dagster import queue
 from flux_dagster.db.engine import create_schema, session_scope
 from flux_dagster.nodes import audio_transcriber as at
+from flux_dagster.nodes import image_generator as ig
 from flux_dagster.nodes import mcp_client as mc
 from flux_dagster_tests.conftest import add_flow, add_node, enqueue_agent, execution, node_data
 from flux_dagster_tests.fakes.http import LoopbackServer
+from flux_dagster_tests.fakes.images import KEYS, FakeImageProviders, image_of
 from flux_dagster_tests.fakes.main_api import FakeMainApi
 from flux_dagster_tests.fakes.mcp_server import McpServer
 from flux_dagster_tests.fakes.media import FakeSearchApi, FakeTranscriptionApi, FileHost, make_audio
@@ -35,7 +37,8 @@ class Stack:
         self.files = FileHost()
         self.main_api = FakeMainApi()
         self.mcp = McpServer("sse", token="mcp-e2e")  # SSE: the client falls back to it after Streamable HTTP
-        self.servers = [self.openai, self.search, self.files, self.main_api, self.mcp]
+        self.images = FakeImageProviders()
+        self.servers = [self.openai, self.search, self.files, self.main_api, self.mcp, self.images]
 
     def env(self) -> dict[str, str]:
         return {
@@ -43,6 +46,11 @@ class Stack:
             "URL_MAIN_API": self.main_api.url, "INTERNAL_API_KEY": self.main_api.api_key,
             "SEARCH_API_KEY": self.search.api_key, "SEARCH_API_BASE_URL": f"{self.search.url}/api/v1",
             at.ALLOWED_HOSTS_ENV: "127.0.0.1/32", mc.ALLOWED_HOSTS_ENV: "127.0.0.1/32",
+            ig.INPUT_IMAGE.allowed_hosts_env: "127.0.0.1/32",
+            "GENAI_API_KEY": KEYS["gemini"], "GEMINI_IMAGES_BASE_URL": self.images.base_url("gemini"),
+            "FAL_KEY": KEYS["fal"], "FAL_BASE_URL": self.images.base_url("fal"),
+            "STABILITY_API_KEY": KEYS["stabilityai"], "STABILITY_BASE_URL": self.images.base_url("stabilityai"),
+            "IDEOGRAM_API_KEY": KEYS["ideogram"], "IDEOGRAM_BASE_URL": self.images.base_url("ideogram"),
         }
 
 
@@ -67,13 +75,17 @@ def stack(tmp_path_factory):
             server.__exit__(None, None, None)
 
 
-def run_node(stack: Stack, node_type: str, data: dict):
+def insert_node(stack: Stack, node_type: str, data: dict) -> tuple[int, str, str]:
     """Insert a node and its execution row; the daemon does the rest."""
     flow_id, node_id = add_node(stack.app_url, node_type, data)
     with session_scope(stack.app_url) as s:
         row = queue.enqueue(s, kind="node", exec_id=str(uuid.uuid4()), flow_id=flow_id, node_id=node_id,
                             user_id="user-1", session_id="s")
-        pending_id, exec_id = row.id, row.exec_id
+        return row.id, node_id, row.exec_id
+
+
+def run_node(stack: Stack, node_type: str, data: dict):
+    pending_id, node_id, exec_id = insert_node(stack, node_type, data)
     return wait_terminal(stack.app_url, [pending_id])[pending_id], node_id, exec_id
 
 
@@ -115,3 +127,30 @@ def test_mcp_client_node_and_agent(stack):
     assert stack.mcp.calls[-2:] == [("add", {"a": 20, "b": 22}), ("shout", {"text": "agent"})]
     charged = [c for c in stack.main_api.charges.values() if c["execId"] in (exec_id, agent_exec_id)]
     assert len(charged) == 2
+
+
+def test_image_providers_node_and_agent(stack):
+    """Each provider as a node execution (all queued at once), then image-to-image in an agent."""
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    models = {"gemini": "aiModel", "fal": "falModel", "stabilityai": "engineId", "ideogram": "ideogramModel"}
+    inserted = {p: insert_node(stack, ig.NODE_TYPE, {"aiSystem": p, "prompt": f"A {p} kite"}) for p in models}
+    rows = wait_terminal(stack.app_url, [pending_id for pending_id, _, _ in inserted.values()])
+    for provider, (pending_id, node_id, exec_id) in inserted.items():
+        assert rows[pending_id].status == "completed", (provider, rows[pending_id].error)
+        link = node_data(stack.app_url, node_id)["text"]
+        assert Path(unquote(urlparse(link).path)).read_bytes() == image_of(provider)
+        [charged] = [c for c in stack.main_api.charges.values() if c["execId"] == exec_id]
+        assert charged["aiSystem"] == provider
+
+    stack.files.files["/photo.png"] = image_of("input")
+    flow_id = add_flow(stack.app_url, {
+        "paint": (ig.NODE_TYPE, {"aiSystem": "ideogram", "prompt": "Night", "inputPreview": f"{stack.files.url}/photo.png"}),
+        "show-image": ("outputController", {}),
+    }, [("paint", "show-image")])
+    pending_id, _ = enqueue_agent(stack.app_url, flow_id)
+    agent_row = wait_terminal(stack.app_url, [pending_id])[pending_id]
+    assert agent_row.status == "completed", agent_row.error
+    assert node_data(stack.app_url, "show-image")["text"] == node_data(stack.app_url, "paint")["text"]
+    assert stack.images.calls_of("ideogram")[-1].path == "/ideogram/remix"

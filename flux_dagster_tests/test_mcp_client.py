@@ -7,7 +7,9 @@ import pytest
 from flux_dagster.llm.tool_choice import ToolChoice, ToolSpec, check_arguments, offline_choice
 from flux_dagster.nodes import mcp_client as mc
 from flux_dagster.resources import LlmResource
-from flux_dagster_tests.conftest import add_node, assert_failed, execute_node, execution, make_resources, node_data
+from flux_dagster_tests.conftest import (
+    add_flow, add_node, assert_failed, execute_agent, execute_node, execution, make_resources, node_data,
+)
 from flux_dagster_tests.fakes.mcp_server import McpServer
 from flux_dagster_tests.fakes.tool_llm import FakeToolLlm
 
@@ -144,3 +146,18 @@ def test_offline_choice_and_schema_check():
     check_arguments(choice, tools)
     with pytest.raises(Exception, match="which was not offered"):
         check_arguments(ToolChoice("rm", {}, 1, 1, "x"), tools)
+
+
+def test_in_an_agent_a_retried_charge_does_not_call_the_tool_again(sqlite_app_db_url, tool_llm, fake_main_api,
+                                                                   allow_loopback):
+    tool_llm.planned = [("shout", {"text": "once"})]
+    fake_main_api.charge_failures = [502]  # process_agent retries the node's stages: only the charge again
+    with McpServer(token=TOKEN) as server:
+        flow_id = add_flow(sqlite_app_db_url, {"tool": (mc.NODE_TYPE, node(server)), "show-tool": ("outputController", {})},
+                           [("tool", "show-tool")])
+        run = execute_agent(sqlite_app_db_url, make_resources(sqlite_app_db_url, llm=_llm(tool_llm),
+                                                              main_api=fake_main_api), flow_id)
+    assert run.result.success
+    assert server.calls == [("shout", {"text": "once"})] and len(tool_llm.tool_requests()) == 1
+    assert len(fake_main_api.charges) == 1 and len(fake_main_api.calls("/worker/charge-tokens")) == 2
+    assert node_data(sqlite_app_db_url, "show-tool")["text"] == "ONCE"

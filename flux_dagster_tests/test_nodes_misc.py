@@ -354,6 +354,15 @@ def test_api_caller_500_is_retried_then_fails(app_db_url, api, allow_loopback):
     assert len(api.requests) == RETRY_POLICIES["api_caller"].max_retries + 1
 
 
+def test_api_caller_post_answered_500_is_not_repeated(app_db_url, api, allow_loopback):
+    """A POST may have taken effect on the user's system: one attempt, as the original makes."""
+    api.routes["/v1/orders"] = [Reply(500, {"error": "boom"})] * 5
+    run, node_id = run_node(app_db_url, "apiCaller", {"method": "POST", "url": f"{api.url}/v1/orders",
+                                                      "jsonRequestBody": '{"qty": 1}'})
+    assert_failed(app_db_url, run, node_id, "HTTP 500")
+    assert len(api.requests) == 1
+
+
 def test_api_caller_retry_recovers(app_db_url, api, allow_loopback):
     api.routes["/flaky"] = [Reply(429, {"error": "slow down"}), Reply(200, {"ok": 1})]
     run, node_id = run_node(app_db_url, "apiCaller", {"url": f"{api.url}/flaky"})
@@ -503,8 +512,8 @@ def test_image_prompt_and_size():
         ig.build_prompt({"tone": ""})
 
 
-@pytest.mark.parametrize("ai_system,message", [("stabilityai", "not supported by this worker"),
-                                               ("ideogram", "not supported by this worker"),
+@pytest.mark.parametrize("ai_system,message", [("meta", "not supported by this worker"),
+                                               ("dreamstudio", "not supported by this worker"),
                                                ("opensources", "has been removed")])
 def test_image_other_providers_are_user_errors(ai_system, message):
     with pytest.raises(UserConfigError, match=message):

@@ -28,9 +28,10 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 CANARY = "sk-secret-canary"
 
 
-@pytest.fixture
-def sandbox():
-    return LocalSandboxRunner(timeout_s=2)
+@pytest.fixture(params=["host", "container"])
+def sandbox(request):
+    """Both profiles keep the same promises; only /proc differs (see test_proc_shows_only_the_sandbox)."""
+    return LocalSandboxRunner(timeout_s=2, profile=request.param)
 
 
 @pytest.fixture
@@ -278,6 +279,9 @@ setResult({'pids': pids, 'environs': environs})
 """
     worker_pid = os.getpid()
     response = sandbox.run("Python", script, [{"name": "worker_pid", "value": worker_pid}])
+    if sandbox.profile == "container":  # no /proc at all: not even the sandbox's own processes
+        failed_with(response, "FileNotFoundError", "/proc")
+        return
     assert response.error is None, response.error
     assert worker_pid not in response.result["pids"] and len(response.result["pids"]) <= 3
     assert response.result["environs"][str(worker_pid)] == "FileNotFoundError"
@@ -458,6 +462,18 @@ def test_runner_selection_from_the_environment(monkeypatch, env, mode):
     assert resource.mode == mode
     if mode == "lambda" and "AWS_ACCESS_KEY_ID" in env:
         assert type(resource.aws_access_key_id).__name__ == "EnvVar"
+
+
+def test_sandbox_profile_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FLUX_SCRIPT_RUNNER", raising=False)
+    monkeypatch.delenv("LAMBDA_PYTHON_ALIAS", raising=False)
+    monkeypatch.delenv("LAMBDA_ENDPOINT", raising=False)
+    monkeypatch.setenv("FLUX_SANDBOX_PROFILE", "container")
+    assert ScriptRunnerResource.from_env().runner().profile == "container"
+    monkeypatch.setenv("FLUX_SANDBOX_PROFILE", "docker")
+    with pytest.raises(SystemError_) as caught:
+        ScriptRunnerResource.from_env().runner()
+    assert "host, container" in caught.value.dev_message
 
 
 def test_boto3_is_imported_only_when_lambda_runs():

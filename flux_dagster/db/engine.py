@@ -70,9 +70,15 @@ def alembic_config(url: str):
     return config
 
 
-def create_schema(url: str) -> None:
-    """Full schema for local and test use: the main API's tables, then our migrations."""
+def migrate(url: str) -> None:
+    """Production: only this project's own tables, by their Alembic migrations; the main API owns
+    and migrates its tables."""
     from alembic import command
 
-    AppBase.metadata.create_all(get_engine(url))
     command.upgrade(alembic_config(url), "head")
+
+
+def create_schema(url: str) -> None:
+    """Full schema for local and test use: the main API's tables, then our migrations."""
+    AppBase.metadata.create_all(get_engine(url))
+    migrate(url)

@@ -32,7 +32,7 @@ from typing import Any
 
 from dagster import Array, Field, Noneable, StringSource
 from dagster import _check as check
-from dagster._core.errors import DagsterLaunchFailedError
+from dagster._core.errors import DagsterError, DagsterLaunchFailedError
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher, WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
@@ -41,6 +41,8 @@ from flux_dagster.launcher.worker_process import HOST_TAG, PID_TAG, START_TAG, p
 
 logger = logging.getLogger(__name__)
 
+_UNAVAILABLE = object()  # zygote key part while the code location cannot be reached
+
 # Exit statuses kept per zygote for health checks; older runs fall back to the /proc check.
 KEEP_EXITS = 10_000
 
@@ -48,7 +50,7 @@ KEEP_EXITS = 10_000
 class _Zygote:
     """The launcher's handle on one zygote process."""
 
-    def __init__(self, setup: dict[str, Any], cwd: str | None, ready_timeout_s: float):
+    def __init__(self, setup: dict[str, Any], cwd: str | None, ready_timeout_s: float, on_exit=None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flux_dagster.launcher.zygote"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=cwd or None, text=True, bufsize=1,
@@ -60,6 +62,7 @@ class _Zygote:
         self.exits: dict[str, int] = {}
         self.live: dict[str, int] = {}
         self._ready: dict[str, Any] | None = None
+        self._on_exit = on_exit
         self._reader = threading.Thread(target=self._read, name="warm-launcher-zygote", daemon=True)
         self._reader.start()
         self._send(setup)
@@ -89,6 +92,8 @@ class _Zygote:
                     if len(self.exits) > KEEP_EXITS:  # the oldest first: monitoring is long done with them
                         del self.exits[next(iter(self.exits))]
                 self._reply_arrived.notify_all()
+            if "exited" in message and self._on_exit is not None:
+                self._on_exit(message["exited"])
         with self._lock:
             self._ready = self._ready or {"error": "the zygote exited"}
             self._reply_arrived.notify_all()
@@ -176,11 +181,21 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         location_name = remote_origin.repository_origin.code_location_origin.location_name
         server_id = None
         if context.workspace is not None:
-            location = context.workspace.get_code_location(location_name)
-            server_id = getattr(location, "server_id", None)
+            try:
+                location = context.workspace.get_code_location(location_name)
+                server_id = getattr(location, "server_id", None)
+            except DagsterError:
+                # The code server is away (restarting, or down for a while). Runs do not need it:
+                # the zygote loads the code itself. Keep forking from the zygote already loaded,
+                # else start one; a reload is picked up once the server answers again.
+                logger.warning("WarmRunLauncher: code location %s unavailable; launching from the loaded code",
+                               location_name)
+                server_id = _UNAVAILABLE
         key = (location_name, server_id, serialize_value(origin))
         with self._lock:
             self._retired = [z for z in self._retired if z.alive]
+            if server_id is _UNAVAILABLE:
+                key = next((k for k, z in self._zygotes.items() if k[0] == location_name and z.alive), key)
             zygote = self._zygotes.get(key)
             if zygote is not None and zygote.alive:
                 return zygote
@@ -194,7 +209,8 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 "preload_modules": self.preload_modules,
                 "pool_connections": self.pool_connections,
             }
-            zygote = _Zygote(setup, getattr(origin.code_pointer, "working_directory", None), self.start_timeout_seconds)
+            zygote = _Zygote(setup, getattr(origin.code_pointer, "working_directory", None), self.start_timeout_seconds,
+                             on_exit=self._settle_exited)
             self._zygotes[key] = zygote
             self._start_cancel_watcher()
             return zygote
@@ -256,10 +272,35 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             + (f", exit status {exit_code}" if exit_code is not None else "")
         )
 
+    def _settle_exited(self, run_id: str) -> None:
+        """A run worker exited while its run was CANCELING: the cancel came too late when the run
+        had already succeeded (its success is restored, so no CANCELING is left behind), else the
+        run is CANCELED now rather than when run monitoring times the cancel out."""
+        try:
+            run = self._instance.get_run_by_id(run_id)
+            if run is None or run.status != DagsterRunStatus.CANCELING:
+                return
+            from dagster._core.events import DagsterEvent, DagsterEventType
+
+            ended = {e.dagster_event.event_type for e in self._instance.all_logs(
+                run_id, of_type={DagsterEventType.RUN_SUCCESS, DagsterEventType.RUN_FAILURE})}
+            if DagsterEventType.RUN_SUCCESS in ended:
+                self._instance.report_dagster_event(
+                    DagsterEvent(event_type_value=DagsterEventType.RUN_SUCCESS.value, job_name=run.job_name,
+                                 message="The run had succeeded when the termination request arrived."),
+                    run_id=run_id,
+                )
+            else:
+                self._instance.report_run_canceled(run, message="The run worker exited after the termination request.")
+        except Exception:  # noqa: BLE001 - run monitoring still settles it after its cancel timeout
+            logger.exception("WarmRunLauncher: could not settle run %s after its worker exited", run_id)
+
     def terminate(self, run_id: str) -> bool:
         run = self._instance.get_run_by_id(run_id)
         if run is None or run.is_finished:
             return False
+        if self._exit_code(run_id) is not None:
+            return False  # its worker is done: the run is settled (or being settled) by its own events
         self._instance.report_run_canceling(run)
         pid = self._local_pid(run)
         if pid is None:

@@ -174,7 +174,7 @@ def openai_errors(company: str) -> Iterator[None]:
     except openai.APITimeoutError as exc:
         raise ExecutionTimeoutError(f"{company} did not answer in time.") from exc
     except openai.APIStatusError as exc:
-        raise provider_error_from_status(company, exc.status_code, _detail(exc)) from exc
+        raise provider_error_from_status(company, exc.status_code, _detail(exc), exc.response.headers) from exc
     except openai.APIConnectionError as exc:
         raise ProviderError(f"{company} could not be reached.", retryable=True) from exc
 
@@ -189,7 +189,7 @@ def anthropic_errors() -> Iterator[None]:
     except anthropic.APITimeoutError as exc:
         raise ExecutionTimeoutError("anthropic did not answer in time.") from exc
     except anthropic.APIStatusError as exc:
-        raise provider_error_from_status("anthropic", exc.status_code, _detail(exc)) from exc
+        raise provider_error_from_status("anthropic", exc.status_code, _detail(exc), exc.response.headers) from exc
     except anthropic.APIConnectionError as exc:
         raise ProviderError("anthropic could not be reached.", retryable=True) from exc
 

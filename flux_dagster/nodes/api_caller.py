@@ -43,6 +43,20 @@ def is_transient(status: int) -> bool:
     return status in TRANSIENT_STATUSES or status >= 500
 
 
+# Only these are repeated after the server may have seen the request (like the original, which
+# made one attempt): a POST, PUT, PATCH or DELETE to a user's system could take effect twice.
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def transport_error(method: str, exc: httpx.TransportError) -> Exception:
+    """A request that never reached the server is retried whatever its method; one that may have
+    (a timeout or a connection lost mid-request) only when its method is safe to repeat."""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)) or method in SAFE_METHODS:
+        return exc  # classified as retryable
+    return ProviderError(f"The {method} request may have reached the server but got no answer ({type(exc).__name__}); "
+                         "it is not repeated automatically.", retryable=False)
+
+
 @dataclass(frozen=True)
 class ApiRequest:
     method: str
@@ -321,8 +335,14 @@ def run_api_caller(sessions: Sessions, task: NodeTask, *, sleep: Callable[[float
     polling = Polling.from_data(task.data)
     allow = AllowList.from_env(ALLOWED_HOSTS_ENV)
     with http_client(request.verify, REQUEST_TIMEOUT_S) as client:
-        response, calls, gave_up = call(client, request, polling, allow=allow, max_bytes=_max_result_bytes(),
-                                        sleep=sleep, clock=clock)
+        try:
+            response, calls, gave_up = call(client, request, polling, allow=allow, max_bytes=_max_result_bytes(),
+                                            sleep=sleep, clock=clock)
+        except httpx.TransportError as exc:
+            error = transport_error(request.method, exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     if gave_up or not 200 <= response.status < 300:
         if gave_up:
@@ -332,7 +352,8 @@ def run_api_caller(sessions: Sessions, task: NodeTask, *, sleep: Callable[[float
             error.retryable = False  # a retry would only spend the same polling budget again
         else:
             message = f"HTTP {response.status}: {response.text[:1000]}"
-            error = ProviderError(message, retryable=is_transient(response.status), status_code=response.status)
+            error = ProviderError(message, retryable=is_transient(response.status) and request.method in SAFE_METHODS,
+                                  status_code=response.status)
         with sessions() as session:  # the body stays visible on the node; FAILED comes with the error path
             merge_node_data(session, task, {"text": response.text, "pollingCallCount": calls,
                                             "errorMessage": message, "errorStatusCode": response.status})

@@ -31,12 +31,12 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 
 from flux_dagster.errors import (
-    ExecutionTimeoutError, IntegrationError, ProviderError, SystemError_, UserConfigError, provider_error_from_status,
+    ExecutionTimeoutError, ProviderError, SystemError_, UserConfigError, http_errors, provider_error_from_status,
 )
 from flux_dagster.execution import NodeOutcome, NodeTask, persist_node_success
 from flux_dagster.llm.providers import LlmClient, ProviderCredentials, _openai_client, openai_errors
 from flux_dagster.nodes.fields import Sessions, as_text, edge_value
-from flux_dagster.nodes.netguard import AllowList, certificate_error, guarded_request, http_client, http_url
+from flux_dagster.nodes.downloads import Source, download
 from flux_dagster.services.media_apis import MediaApis
 
 NODE_TYPE = "audioReaderNode"
@@ -46,7 +46,6 @@ DEFAULT_MAX_BYTES = 500_000_000
 SPLIT_BYTES_ENV = "FLUX_AUDIO_SPLIT_BYTES"
 DEFAULT_SPLIT_BYTES = 24 * 1024 * 1024  # under the 25 MB upload limit of OpenAI and Groq
 SEGMENT_SECONDS = 600
-DOWNLOAD_TIMEOUT_S = 300.0
 TRANSCRIBE_TIMEOUT_S = 300.0  # per file or segment: a 24 MB upload plus the model's work
 FFMPEG_TIMEOUT_S = 900.0
 YOUTUBE_TIMEOUT_S = 150.0
@@ -104,59 +103,16 @@ def model_of(data: dict[str, Any]) -> tuple[str, str]:
 # ----- download --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Downloaded:
-    size: int
-    extension: str | None  # an upload extension the APIs accept, when the URL or type says one
+AUDIO_FILE = Source(what="audio file", field="inputPreview", allowed_hosts_env=ALLOWED_HOSTS_ENV,
+                    max_bytes_env=MAX_BYTES_ENV)
 
 
-def upload_extension(url: httpx.URL, content_type: str) -> str | None:
-    suffix = Path(url.path).suffix.lstrip(".").lower()
+def upload_extension(path: str, content_type: str) -> str | None:
+    """The extension the file would be uploaded under, when its name or type says one the APIs take."""
+    suffix = Path(path).suffix.lstrip(".").lower()
     if suffix in UPLOAD_EXTENSIONS:
         return suffix
     return EXTENSION_BY_CONTENT_TYPE.get(content_type.split(";")[0].strip().lower())
-
-
-def download(url_text: str, dest: Path, *, max_bytes: int, allow: AllowList) -> Downloaded:
-    """Stream the user's URL into ``dest``, every hop checked by the guard."""
-    url = http_url(url_text, what="audio URL", field="inputPreview")
-
-    def save(response: httpx.Response) -> Downloaded:
-        status = response.status_code
-        if status == 429 or status >= 500:
-            raise IntegrationError(f"Downloading the audio file failed (HTTP {status}).")
-        if status >= 400:
-            raise UserConfigError(f"The audio file could not be downloaded (HTTP {status}).", field="inputPreview")
-        too_large = UserConfigError(f"The audio file is larger than {max_bytes:,} bytes ({MAX_BYTES_ENV}).",
-                                    field="inputPreview")
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise too_large
-        size = 0
-        with dest.open("wb") as out:
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise too_large
-                out.write(chunk)
-        if size == 0:
-            raise UserConfigError("The audio file is empty.", field="inputPreview")
-        # The final hop's path (after redirects) names the file.
-        return Downloaded(size, upload_extension(response.request.url, response.headers.get("content-type", "")))
-
-    try:
-        with http_client(True, DOWNLOAD_TIMEOUT_S) as client:
-            return guarded_request(client, "GET", url, save, allow=allow, env_name=ALLOWED_HOSTS_ENV,
-                                   what="audio URL host")
-    except httpx.TimeoutException as exc:
-        raise ExecutionTimeoutError("Downloading the audio file timed out.") from exc
-    except httpx.ConnectError as exc:
-        if certificate_error(exc):
-            raise UserConfigError(f"The TLS certificate of {url.host} could not be verified.",
-                                  field="inputPreview") from exc
-        raise IntegrationError(f"The audio file's host {url.host} could not be reached.") from exc
-    except httpx.TransportError as exc:
-        raise IntegrationError("Downloading the audio file failed.", dev_message=repr(exc)) from exc
 
 
 # ----- ffmpeg ----------------------------------------------------------------------------------
@@ -202,10 +158,10 @@ def transcribe_url(url: str, llm: LlmClient, company: str, model: str) -> Transc
         raise ProviderError(f"No API key is configured for {company} (audio transcription).")
     with tempfile.TemporaryDirectory(prefix="flux-audio-") as tmp:
         source = Path(tmp) / "source"
-        downloaded = download(url, source, max_bytes=_env_int(MAX_BYTES_ENV, DEFAULT_MAX_BYTES),
-                              allow=AllowList.from_env(ALLOWED_HOSTS_ENV))
-        if downloaded.extension and downloaded.size <= _env_int(SPLIT_BYTES_ENV, DEFAULT_SPLIT_BYTES):
-            parts = [source.rename(source.with_name(f"audio.{downloaded.extension}"))]
+        downloaded = download(url, source, AUDIO_FILE, max_bytes=_env_int(MAX_BYTES_ENV, DEFAULT_MAX_BYTES))
+        extension = upload_extension(downloaded.path, downloaded.content_type)
+        if extension and downloaded.size <= _env_int(SPLIT_BYTES_ENV, DEFAULT_SPLIT_BYTES):
+            parts = [source.rename(source.with_name(f"audio.{extension}"))]
         else:  # too large for one upload, or a format the APIs would not take: MP3 segments
             segments_dir = Path(tmp) / "segments"
             segments_dir.mkdir()
@@ -250,15 +206,11 @@ def youtube_transcript(url: str, media: MediaApis, offline: bool) -> Transcript:
     if media.get("search_api") is None and offline:
         return Transcript(f"{OFFLINE_LABEL} youtube video={video_id}", "offline", "youtube_transcripts")
     creds = media.require("search_api")
-    try:
+    with http_errors("SearchAPI"):
         response = httpx.get(
             f"{creds.base_url.rstrip('/')}/search", params={"engine": "youtube_transcripts", "video_id": video_id},
             headers={"Authorization": f"Bearer {creds.api_key}"}, timeout=YOUTUBE_TIMEOUT_S,
         )
-    except httpx.TimeoutException as exc:
-        raise ExecutionTimeoutError(f"SearchAPI did not answer within {YOUTUBE_TIMEOUT_S:.0f} s.") from exc
-    except httpx.TransportError as exc:
-        raise ProviderError("SearchAPI could not be reached.", retryable=True) from exc
     try:
         body = response.json()
     except ValueError:

@@ -282,7 +282,18 @@ def charge_and_finish(sessions: Sessions, main_api: MainApi, task: NodeTask, cal
                        extra={"charged": charged, "idempotency_key": charge.idempotency_key, "tool": call.tool})
 
 
+# Calls made whose charge failed retryably, by generation id: ``process_agent`` retries a node's
+# whole stage chain, and the retry must charge this call, not call the tool again.
+_UNCHARGED: dict[str, McpCall] = {}
+
+
 def run_mcp_client(sessions: Sessions, task: NodeTask, *, llm: LlmClient, main_api: MainApi,
                    generation_id: str) -> NodeOutcome:
-    call = choose_and_call(task, llm=llm, main_api=main_api, generation_id=generation_id)
-    return charge_and_finish(sessions, main_api, task, call)
+    call = _UNCHARGED.pop(generation_id, None) or choose_and_call(task, llm=llm, main_api=main_api,
+                                                                  generation_id=generation_id)
+    try:
+        return charge_and_finish(sessions, main_api, task, call)
+    except FluxError as exc:
+        if exc.retryable:
+            _UNCHARGED[generation_id] = call
+        raise

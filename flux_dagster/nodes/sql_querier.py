@@ -207,7 +207,10 @@ def run_query(target: SqlTarget, query: str, allow: AllowList) -> Any:
             connection.commit()
         except dbapi.Error as exc:
             if _connection_lost(dbapi, connection.dbapi_connection, exc):
-                raise IntegrationError(f"The database connection was lost: {str(exc)[:500]}") from exc
+                lost = IntegrationError(f"The database connection was lost while the query ran; it is not "
+                                        f"repeated automatically: {str(exc)[:500]}")
+                lost.retryable = False  # the statement may have run: a write must not happen twice
+                raise lost from exc
             raise UserConfigError(f"The query failed: {str(exc).strip()[:1000]}", field="query") from exc
         finally:
             connection.close()

@@ -15,7 +15,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import SystemAiModel, utcnow
-from flux_dagster.errors import ExecutionCancelled, SystemError_, UserConfigError, classify
+from flux_dagster.errors import ExecutionCancelled, SystemError_, UserConfigError, classify, shorten
 from flux_dagster.execution import (
     NodeOutcome, NodeTask, cancellation_check, persist_node_cancelled, persist_node_success,
 )
@@ -71,7 +71,7 @@ def resolve_model(data: dict[str, Any]) -> tuple[str, str]:
     """(AiSystem, model name) from the node's data, by the provider's model field."""
     ai_system = data.get("AiSystem")
     if not isinstance(ai_system, str) or ai_system.lower() not in MODEL_FIELD_BY_AI_SYSTEM:
-        raise UserConfigError(f"Unknown or missing AI provider (AiSystem={ai_system!r}).", field="AiSystem")
+        raise UserConfigError(f"Unknown or missing AI provider (AiSystem={shorten(ai_system)}).", field="AiSystem")
     model_field = MODEL_FIELD_BY_AI_SYSTEM[ai_system.lower()]
     model = data.get(model_field)
     if not isinstance(model, str) or not model.strip():
@@ -304,14 +304,16 @@ def generation_logs(generation: Generation) -> str:
                        "finishReason": generation.finish_reason})
 
 
-def generation_metadata(generation: Generation, model: SystemAiModel, logs: str) -> dict[str, Any]:
+def generation_metadata(generation: Generation, model: SystemAiModel, logs: str,
+                        generation_id: str = "") -> dict[str, Any]:
     tokens = {"input": generation.input_tokens, "output": generation.output_tokens}
     if generation.reasoning_tokens:
         tokens["reasoning"] = generation.reasoning_tokens
     if generation.estimated:
         tokens["estimated"] = True
+    # generationId: the charge key's part, so a re-execution that reuses this output reuses its charge.
     return {"tokens": tokens, "model": model.modelName, "aiCompany": model.aiCompany, "logs": logs,
-            "provider": generation.provider}
+            "provider": generation.provider, "generationId": generation_id}
 
 
 def persist_cancelled(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel) -> str:
@@ -324,7 +326,8 @@ def persist_cancelled(session: Session, task: NodeTask, generation: Generation, 
     return output
 
 
-def persist_generation(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel) -> str:
+def persist_generation(session: Session, task: NodeTask, generation: Generation, model: SystemAiModel,
+                       generation_id: str = "") -> str:
     """Write ``text``, ``logs``, tokens, previews and session memory; return the output."""
     data = task.data
     output = generation.text or generation.reasoning
@@ -351,7 +354,7 @@ def persist_generation(session: Session, task: NodeTask, generation: Generation,
                                {"role": "assistant", "content": output, "createdAt": now}]
         updates["userSessionsChat"] = sessions
     persist_node_success(session, task, data_updates=updates, output=output, output_type="text",
-                         metadata=generation_metadata(generation, model, logs))
+                         metadata=generation_metadata(generation, model, logs, generation_id))
     return output
 
 
@@ -400,7 +403,7 @@ def generate(database_url: str, llm: LlmClient, task: NodeTask, generation_id: s
         raise ExecutionCancelled("The execution was cancelled while the model was answering; the partial "
                                  "answer is kept.")
     with session_scope(database_url) as session:
-        persist_generation(session, task, generation, model)
+        persist_generation(session, task, generation, model, generation_id)
     if publisher:
         publisher.finish(result.output, "COMPLETED", generation.input_tokens, generation.output_tokens)
     return result
@@ -425,6 +428,17 @@ def _settle_cancelled(database_url: str, main_api: MainApi, task: NodeTask, gene
         log.exception("The charge of cancelled generation %s could not be sent", generation_id)
     if publisher:
         publisher.finish(output, "CANCELLED", generation.input_tokens, generation.output_tokens)
+
+
+def reused_generation(task: NodeTask, row) -> TextGeneration:
+    """The generation an earlier run of this execution made and persisted (its charge key included)."""
+    meta = row.metadata_ or {}
+    tokens = meta.get("tokens") or {}
+    ai_system, model_name = resolve_model(task.data)
+    return TextGeneration(output=row.output or "", input_tokens=tokens.get("input"), output_tokens=tokens.get("output"),
+                          model=meta.get("model") or model_name, ai_system=ai_system,
+                          generation_id=meta.get("generationId") or f"{row.execId}/{task.node_id}",
+                          estimated=bool(tokens.get("estimated")))
 
 
 def charge(main_api: MainApi, task: NodeTask, generation: TextGeneration) -> NodeOutcome:

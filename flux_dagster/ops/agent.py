@@ -9,7 +9,7 @@ from flux_dagster.execution import ExecutionRequest
 from flux_dagster.files.resource import FileStoreResource
 from flux_dagster.node_types import NODE_TYPES, NodeServices
 from flux_dagster.ops.lifecycle import ExecutionParams
-from flux_dagster.ops.retries import RETRY_POLICIES, node_errors
+from flux_dagster.ops.retries import RETRY_POLICIES, agent_retrying, node_errors
 from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, MediaApisResource, NotifierResource
 from flux_dagster.scripting.resource import ScriptRunnerResource
 
@@ -56,7 +56,7 @@ def run_agent_node(
         media=media_apis.client(),
     )
     policy = RETRY_POLICIES["agent_node"]
-    status, message = agent.run_agent_node(services, node, retry=agent.retrying(policy.max_retries, policy.delay or 0))
+    status, message = agent.run_agent_node(services, node, retry=agent_retrying(policy, log=context.log.warning))
     context.log.info(f"node {node.node_id} ({node.node_type}): {status} — {message}")
     with app_db.session() as session:
         summary = agent.summary_if_settled(session, node.request.exec_id, list(node.flow_node_ids), context.run_id)

@@ -8,7 +8,7 @@ from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeOutcome, NodeTask, load_node, start_node_execution, write_execution_log
 from flux_dagster.failures import cancel_execution, fail_execution
 from flux_dagster.node_types import NODE_TYPES
-from flux_dagster.ops.retries import CANCELLED_MESSAGE, RETRY_POLICIES, error_of, node_errors, was_interrupted
+from flux_dagster.ops.retries import CANCELLED_MESSAGE, RETRY_POLICIES, cancel_own_run, error_of, node_errors, was_interrupted
 from flux_dagster.resources import AppDatabase, NotifierResource
 
 # Stored node type → the branch (op) that runs it; a type missing there fails with a clear message.
@@ -41,11 +41,14 @@ class ExecutionConfig(ExecutionParams):
 def notify_status_pending(
     context: OpExecutionContext, config: ExecutionConfig, app_db: AppDatabase, notifier: NotifierResource
 ) -> ExecutionRequest:
-    """``notifyStatus`` PENDING, and the row becomes ``running`` under this run."""
+    """``notifyStatus`` PENDING, and the row becomes ``running`` under this run — unless it was
+    cancelled while its run waited to start: then the run ends CANCELED before any work."""
     request = ExecutionRequest(kind="node", **config.model_dump())
     with node_errors():
         with app_db.session() as session:
-            queue.mark_running(session, config.pending_execution_id, context.run_id)
+            row = queue.mark_running(session, config.pending_execution_id, context.run_id)
+            if row is not None and row.cancel_requested_at is not None:
+                cancel_own_run(context)
         notifier.client().publish(request, config.node_id, "PENDING")
     return request
 

@@ -4,6 +4,7 @@ from dagster import OpExecutionContext, op
 
 from flux_dagster.execution import NodeOutcome, NodeTask
 from flux_dagster.nodes import text_generator as tg
+from flux_dagster.ops.guards import earlier_completion
 from flux_dagster.ops.retries import RETRY_POLICIES, node_errors
 from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, NotifierResource
 
@@ -20,6 +21,8 @@ def text_generator(
     context: OpExecutionContext, task: NodeTask, app_db: AppDatabase, llm: LlmResource,
     main_api: MainApiResource, notifier: NotifierResource,
 ) -> tg.TextGeneration:
+    if (earlier := earlier_completion(context, app_db, task)) is not None:
+        return tg.reused_generation(task, earlier)
     with node_errors():
         generation = tg.generate(app_db.url, llm.client(), task, generation_id=f"{context.run_id}/{context.op_handle}",
                                  main_api=main_api.client(), notifier=notifier.client())

@@ -24,6 +24,7 @@ class ScriptRunnerResource(ConfigurableResource):
     timeout_s: float = 30.0
     memory_mb: int = 512
     output_limit_bytes: int = 1_000_000
+    sandbox_profile: str = "host"
     lambda_endpoint: str | None = None
     lambda_python_alias: str | None = None
     lambda_python_function: str = PYTHON_FUNCTION
@@ -36,7 +37,7 @@ class ScriptRunnerResource(ConfigurableResource):
     def runner(self) -> ScriptRunner:
         if self.mode == "local":
             return LocalSandboxRunner(timeout_s=self.timeout_s, memory_mb=self.memory_mb,
-                                      output_limit_bytes=self.output_limit_bytes)
+                                      output_limit_bytes=self.output_limit_bytes, profile=self.sandbox_profile)
         if self.mode == "lambda":
             return LambdaRunner(
                 python_alias=self.lambda_python_alias, endpoint_url=self.lambda_endpoint, region=self.aws_region,
@@ -54,7 +55,7 @@ class ScriptRunnerResource(ConfigurableResource):
         if mode == "auto":
             mode = "lambda" if settings.env("LAMBDA_PYTHON_ALIAS") or settings.env("LAMBDA_ENDPOINT") else "local"
         if mode != "lambda":
-            return cls(mode=mode)
+            return cls(mode=mode, sandbox_profile=settings.env("FLUX_SANDBOX_PROFILE", "host"))
         secrets: dict[str, Any] = {
             field: EnvVar(name)
             for field, name in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"),

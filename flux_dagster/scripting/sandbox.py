@@ -19,6 +19,13 @@ so the boundary must be the kernel's namespaces, not file permissions):
   no core dumps, no nested user namespaces, no capabilities;
 - when the worker runs as root, the sandbox runs as a fresh unprivileged uid: root would be
   exempt from RLIMIT_NPROC, and that uid owns nothing on the host.
+
+Two profiles (``FLUX_SANDBOX_PROFILE``): ``host`` (default) is the above. ``container`` is for a
+worker inside a Docker container, whose /proc is masked and /proc/sys read-only (Docker's default,
+which compose cannot lift): the kernel then refuses the fresh /proc and bwrap cannot write the
+nested-namespace limit. So the sandbox has no /proc at all (it sees no process, not even its own)
+and nested user namespaces are left to the container's own limits; every other rule stays.
+docs/containers.md says which container options it needs and what they cost.
 """
 
 from __future__ import annotations
@@ -52,13 +59,18 @@ SANDBOX_UID_SPAN = 100_000_000
 _SYSTEM_DIR = Path("/usr")
 _ROOT_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # links into /usr when merged
 _MEMORY_SIGNS = ("out of memory", "Fatal process OOM", "MemoryError", "Cannot allocate memory")
+PROFILES = ("host", "container")
 
 
 class LocalSandboxRunner:
     name = "local-sandbox"
 
     def __init__(self, *, timeout_s: float = 30.0, memory_mb: int = 512, output_limit_bytes: int = 1_000_000,
-                 max_processes: int = 64):
+                 max_processes: int = 64, profile: str = "host"):
+        if profile not in PROFILES:
+            raise SystemError_("The script sandbox is misconfigured.",
+                               dev_message=f"unknown sandbox profile {profile!r} (one of {', '.join(PROFILES)})")
+        self.profile = profile
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.output_limit_bytes = output_limit_bytes
@@ -117,7 +129,8 @@ class LocalSandboxRunner:
         argv = [
             bwrap,
             "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--as-pid-1",
+            *(["--disable-userns"] if self.profile == "host" else []),
             "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
             "--setenv", "LANG", "C.UTF-8",
             "--ro-bind", str(_SYSTEM_DIR), str(_SYSTEM_DIR),
@@ -136,7 +149,8 @@ class LocalSandboxRunner:
                                    dev_message=f"{interpreter} is not under an install prefix")
             argv += ["--ro-bind", str(prefix), str(prefix)]
         argv += [
-            "--proc", "/proc", "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
+            *(["--proc", "/proc"] if self.profile == "host" else []),
+            "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
             "--ro-bind", str(code_dir), "/sandbox",
             # bwrap's own tmpfs for / and /dev have no size cap: read-only, /tmp is the one place to write.
             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",

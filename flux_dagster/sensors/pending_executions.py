@@ -124,7 +124,7 @@ def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: Noti
                 )
             )
         } if rows else {}
-        to_terminate = queue.cancel_requested_runs(session)
+        to_terminate, launched_cancelled = queue.cancel_requested_runs(session)
         for row in rows:
             if row.cancel_requested_at is not None:
                 queue.fail_unlaunchable(session, row, "Cancelled before it started.", status="cancelled")
@@ -135,12 +135,7 @@ def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: Noti
                 failed.append((row, reason))
                 continue
             requests.append(run_request_for(row, node_types.get((row.flow_id, row.node_id))))
-    for run_id in to_terminate:
-        # Same path as "Terminate" in the UI; the run-canceled sensor then ends the row once.
-        run = context.instance.get_run_by_id(run_id)
-        if run is not None and not run.is_finished and run.status != DagsterRunStatus.CANCELING:
-            context.log.info(f"terminating run {run_id}: its execution was cancelled")
-            context.instance.run_coordinator.cancel_run(run_id)
+    _cancel_runs(context, to_terminate, launched_cancelled)
     for row, reason in failed:
         context.log.warning(f"pending execution {row.id} failed without a run: {reason}")
         if row.user_id and row.flow_id:
@@ -148,6 +143,19 @@ def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: Noti
     if not requests:
         return SkipReason("No pending executions." if not failed else f"{len(failed)} malformed row(s) failed.")
     return requests
+
+
+def _cancel_runs(context: SensorEvaluationContext, run_ids: list[str], launched_ids: list[int]) -> None:
+    """Runs of cancelled executions: a queued run is dropped before it starts, a started one is
+    terminated — the same path as "Terminate" in the UI; the run-canceled sensor (or the run's own
+    failure hook) then ends the row once."""
+    runs = [r for r in (context.instance.get_run_by_id(i) for i in run_ids) if r is not None]
+    if launched_ids:
+        runs += context.instance.get_runs(RunsFilter(tags={PENDING_EXECUTION_TAG: [str(i) for i in launched_ids]}))
+    for run in runs:
+        if not run.is_finished and run.status != DagsterRunStatus.CANCELING:
+            context.log.info(f"cancelling run {run.run_id}: its execution was cancelled")
+            context.instance.run_coordinator.cancel_run(run.run_id)
 
 
 def _evaluate(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource):

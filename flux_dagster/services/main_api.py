@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import ExecutionLog, SystemAiModel, TokenLedgerEntry
-from flux_dagster.errors import IntegrationError, SystemError_, UserConfigError
+from flux_dagster.errors import IntegrationError, SystemError_, UserConfigError, retry_after_of
 
 # Node data says ``anthropicai``/``perplexityai``; the model registry says ``anthropic``/``perplexity``.
 AI_SYSTEM_TO_COMPANY = {"anthropicai": "anthropic", "perplexityai": "perplexity"}
@@ -68,7 +68,7 @@ class MainApi:
             if response.status_code == 403:
                 raise UserConfigError(_message(response) or f"You do not have access to the model {model}.")
             if response.status_code >= 400:
-                raise IntegrationError(f"Model access check failed (HTTP {response.status_code}).", dev_message=response.text[:500])
+                raise _http_error("Model access check", response)
             if not response.json().get("success", False):
                 raise UserConfigError(_message(response) or f"You do not have access to the model {model}.")
             return
@@ -99,10 +99,11 @@ class MainApi:
             "outputTokens": charge.output_tokens, "model": charge.model, "aiSystem": charge.ai_system,
             "execId": charge.exec_id, "nodeId": charge.node_id, "label": charge.label,
             "usedTokens": charge.input_tokens + charge.output_tokens, "idempotencyKey": key,
+            **({"estimated": True} if charge.estimated else {}),
         }
         response = self._post("/worker/charge-tokens", body, headers={"Idempotency-Key": key})
-        if response.status_code >= 500:
-            raise IntegrationError(f"Charging tokens failed (HTTP {response.status_code}).", dev_message=response.text[:500])
+        if _transient(response.status_code):
+            raise _http_error("Charging tokens", response)
         charged = response.status_code < 400 and bool(response.json().get("success", False))
         if charged:
             with session_scope(self.database_url) as session:
@@ -143,6 +144,21 @@ def _ledger_entry(charge: TokenCharge, key: str, state: str) -> TokenLedgerEntry
         input_tokens=fields["input_tokens"], output_tokens=fields["output_tokens"], state=state,
         estimated=fields["estimated"],
     )
+
+
+def _transient(status: int) -> bool:
+    return status in (408, 425, 429) or status >= 500
+
+
+def _http_error(what: str, response: httpx.Response) -> IntegrationError | UserConfigError:
+    """5xx, 408, 425 and 429 are the main API's trouble (retried, honouring Retry-After); another 4xx
+    is a request it will never accept (not retried)."""
+    if not _transient(response.status_code):
+        return UserConfigError(f"{what} was refused by the main API (HTTP {response.status_code}).",
+                               dev_message=response.text[:500])
+    error = IntegrationError(f"{what} failed (HTTP {response.status_code}).", dev_message=response.text[:500])
+    error.retry_after_s = retry_after_of(response.headers)
+    return error
 
 
 def _message(response: httpx.Response) -> str | None:

@@ -1,5 +1,5 @@
-"""Keys and endpoints of the non-LLM services the media nodes call: SearchAPI (YouTube
-transcripts) and the image providers that are not LLM companies. One table, like
+"""Keys and endpoints of the services the media nodes call besides the LLM providers: SearchAPI
+(YouTube transcripts) and the image providers. One table, like
 ``llm.providers.PROVIDERS``: the resource reads it, the nodes look a service up by name."""
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ class MediaApiSpec:
 
 MEDIA_APIS: dict[str, MediaApiSpec] = {
     "search_api": MediaApiSpec("SEARCH_API_KEY", "SEARCH_API_BASE_URL", "https://www.searchapi.io/api/v1", "SearchAPI"),
+    # Image providers. Gemini's images come from its native API, not the OpenAI-compatible one
+    # the text generator uses (GEMINI_BASE_URL); same key.
+    "gemini": MediaApiSpec("GENAI_API_KEY", "GEMINI_IMAGES_BASE_URL", "https://generativelanguage.googleapis.com",
+                           "Gemini"),
+    "fal": MediaApiSpec("FAL_KEY", "FAL_BASE_URL", "https://fal.run", "fal"),
+    "stability": MediaApiSpec("STABILITY_API_KEY", "STABILITY_BASE_URL", "https://api.stability.ai", "Stability AI"),
+    "ideogram": MediaApiSpec("IDEOGRAM_API_KEY", "IDEOGRAM_BASE_URL", "https://api.ideogram.ai", "Ideogram"),
 }
 
 

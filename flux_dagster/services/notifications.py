@@ -1,6 +1,7 @@
 """Status notifications: the ``room_status_updated`` payload of reference §6, published on Redis
 for the main API to relay to the user's socket room, or recorded in ``status_notifications``
-(and the run's log) when no Redis is configured."""
+when no Redis is configured. With Redis configured, that table is also the outbox of statuses
+that could not be published yet (see ``Notifier``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
+
 from flux_dagster.db.engine import session_scope
-from flux_dagster.db.models import StatusNotification
+from flux_dagster.db.models import StatusNotification, utcnow
 from flux_dagster.execution import ExecutionRequest
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
 STREAM_EVENT = "node_output_stream"
@@ -52,8 +57,17 @@ def _redis(url: str):
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
+def _message(room: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return {"event": "room_status_updated", "room": room, "payload": payload}
+
+
 @dataclass
 class Notifier:
+    """Publishes statuses without ever failing an execution over Redis: a status that cannot be
+    published now is kept in ``status_notifications`` (the outbox) and published by
+    :func:`flush_outbox` once Redis is back; while an execution has statuses waiting there, its
+    newer ones wait behind them, so each node's statuses arrive in order."""
+
     database_url: str
     redis_url: str | None = None
     channel: str = "room_status_updated"
@@ -61,13 +75,30 @@ class Notifier:
 
     def publish(self, request: ExecutionRequest, node_id: str, status: str, user_message: str | None = None) -> dict:
         payload = status_payload(request, node_id, status, user_message)
-        message = {"event": "room_status_updated", "room": room_of(request.user_id, request.flow_id), "payload": payload}
-        if self.redis_url:
-            _redis(self.redis_url).publish(self.channel, json.dumps(message))
-        else:
-            with session_scope(self.database_url) as session:
-                session.add(StatusNotification(room=message["room"], exec_id=request.exec_id, payload=payload))
+        room = room_of(request.user_id, request.flow_id)
+        message = _message(room, payload)
+        if self.redis_url and not self._waiting(request.exec_id):
+            try:
+                _redis(self.redis_url).publish(self.channel, json.dumps(message))
+                return message
+            except Exception as exc:  # noqa: BLE001 - any Redis trouble: keep it for later
+                log.warning("status %s of %s/%s kept for later: Redis unavailable (%s)",
+                            status, request.exec_id, node_id, exc)
+        with session_scope(self.database_url) as session:
+            session.add(StatusNotification(
+                room=room, exec_id=request.exec_id, node_id=node_id, status=status, payload=payload,
+                # Without Redis the table is the transport: recorded is delivered.
+                published_at=None if self.redis_url else utcnow(),
+            ))
         return message
+
+    def _waiting(self, exec_id: str) -> bool:
+        with session_scope(self.database_url) as session:
+            return session.scalar(
+                select(StatusNotification.id)
+                .where(StatusNotification.exec_id == exec_id, StatusNotification.published_at.is_(None))
+                .limit(1)
+            ) is not None
 
     def publish_stream(self, request: ExecutionRequest, node_id: str, payload: dict[str, Any]) -> None:
         """One message of a node's streamed answer, on ``stream_channel``, for ``request.socket_id``.
@@ -116,3 +147,23 @@ class StreamPublisher:
     def finish(self, text: str, status: str, input_tokens: int, output_tokens: int) -> None:
         self._send({"text": text, "done": True, "status": status,
                     "tokens": {"input": input_tokens, "output": output_tokens}})
+
+
+def flush_outbox(database_url: str, redis_url: str, channel: str, limit: int = 500) -> int:
+    """Publish kept statuses oldest first; stops at the first one Redis refuses. Returns how many."""
+    client = _redis(redis_url)
+    published = 0
+    with session_scope(database_url) as session:
+        rows = session.scalars(
+            select(StatusNotification).where(StatusNotification.published_at.is_(None))
+            .order_by(StatusNotification.id).limit(limit)
+        ).all()
+        for row in rows:
+            try:
+                client.publish(channel, json.dumps(_message(row.room, row.payload)))
+            except Exception as exc:  # noqa: BLE001 - still away: the rest waits, in order
+                log.warning("status outbox: Redis still unavailable (%s); %d waiting", exc, len(rows) - published)
+                break
+            row.published_at = utcnow()
+            published += 1
+    return published

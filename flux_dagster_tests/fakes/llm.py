@@ -39,6 +39,7 @@ class FakeLlm(LoopbackServer):
         for name, value in self._defaults.items():
             setattr(self, name, value)
         self.failures: list[int] = []
+        self.retry_after: str | None = None  # Retry-After header sent with each failure
         self.chunks, self.chunk_delay_s = 4, 0.0
         self.reasoning, self.reasoning_tokens = "", 0
         self.search_results: list[tuple[str, str]] = [("https://example.org/a", "Result A"),
@@ -50,10 +51,12 @@ class FakeLlm(LoopbackServer):
         return [self.text[i:i + size] for i in range(0, len(self.text), size)] or [""]
 
     def _error(self, status: int, anthropic: bool) -> Reply:
+        headers = {"retry-after": self.retry_after} if self.retry_after else {}
         if anthropic:
             kind = {429: "rate_limit_error", 400: "invalid_request_error", 401: "authentication_error"}.get(status, "api_error")
-            return Reply(status, {"type": "error", "error": {"type": kind, "message": f"fake {status}"}})
-        return Reply(status, {"error": {"message": f"fake {status}", "type": "fake", "code": str(status)}})
+            return Reply(status, {"type": "error", "error": {"type": kind, "message": f"fake {status}"}}, headers=headers)
+        return Reply(status, {"error": {"message": f"fake {status}", "type": "fake", "code": str(status)}},
+                     headers=headers)
 
     def _handle(self, req: Recorded) -> Reply:
         anthropic = req.path.endswith("/messages")

@@ -204,3 +204,23 @@ def test_rerun_is_a_new_execution_charged_anew(app_db_url, fake_llm, fake_main_a
     [new] = [r for r in rows(app_db_url, PendingExecution, flow_id=flow_id) if r.exec_id != first.exec_id]
     assert (new.status, new.node_id, new.user_id) == ("pending", node_id, "user-1")
     assert CliRunner().invoke(main, ["rerun", "no-such-exec"]).exit_code != 0
+
+
+def test_an_op_past_its_deadline_ends_with_a_clear_timeout(monkeypatch):
+    from dagster import job, op
+
+    monkeypatch.setitem(retries.OP_DEADLINES_S, "stuck_stage", 0.5)
+    monkeypatch.setattr(retries, "NOT_RETRIED_ON_DEADLINE", ("stuck_stage",))
+
+    @op
+    def stuck_stage():
+        with retries.node_errors():
+            time.sleep(30)
+
+    @job
+    def stuck():
+        stuck_stage()
+
+    result = stuck.execute_in_process(raise_on_error=False)
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "did not finish within 0.5 s" in failure.event_specific_data.error.message

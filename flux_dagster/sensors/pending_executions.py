@@ -46,6 +46,7 @@ SHARDS = max(1, int(os.environ.get("FLUX_SENSOR_SHARDS", "3")))
 # Claim rows only while Dagster's run queue holds fewer QUEUED runs than this (0: no limit).
 MAX_QUEUED_RUNS = int(os.environ.get("FLUX_SENSOR_MAX_QUEUED_RUNS", "32"))
 QUEUE_FULL_POLL_S = 0.5
+CANCELLED_BEFORE_START = "Cancelled before it started."
 
 # One shard polls at a time; the others wait here to take over once it has returned its batch.
 _polling = threading.Lock()
@@ -111,7 +112,7 @@ def _room_in_run_queue(context: SensorEvaluationContext) -> int:
 def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: NotifierResource, limit: int):
     """A bounded, per-user-fair batch; malformed rows fail alone with a clear error."""
     requests: list[RunRequest] = []
-    failed: list[tuple[PendingExecution, str]] = []
+    ended: list[tuple[PendingExecution, str, str]] = []  # (row, status to notify, why)
     with app_db.session() as session:
         stale_ids: set[int] = set()
         rows = queue.claim_batch(session, limit, RELAUNCH_AFTER, stale_ids) if limit else []
@@ -127,21 +128,22 @@ def _claim(context: SensorEvaluationContext, app_db: AppDatabase, notifier: Noti
         to_terminate, launched_cancelled = queue.cancel_requested_runs(session)
         for row in rows:
             if row.cancel_requested_at is not None:
-                queue.fail_unlaunchable(session, row, "Cancelled before it started.", status="cancelled")
+                queue.fail_unlaunchable(session, row, CANCELLED_BEFORE_START, status="cancelled")
+                ended.append((row, "CANCELLED", CANCELLED_BEFORE_START))
                 continue
             reason = queue.malformed_reason(row)
             if reason:
                 queue.fail_unlaunchable(session, row, reason)
-                failed.append((row, reason))
+                ended.append((row, "FAILED", reason))
                 continue
             requests.append(run_request_for(row, node_types.get((row.flow_id, row.node_id))))
     _cancel_runs(context, to_terminate, launched_cancelled)
-    for row, reason in failed:
-        context.log.warning(f"pending execution {row.id} failed without a run: {reason}")
+    for row, status, reason in ended:
+        context.log.warning(f"pending execution {row.id} ended {status} without a run: {reason}")
         if row.user_id and row.flow_id:
-            notifier.client().publish(queue.request_of(row), row.node_id or "", "FAILED", reason)
+            notifier.client().publish(queue.request_of(row), row.node_id or "", status, reason)
     if not requests:
-        return SkipReason("No pending executions." if not failed else f"{len(failed)} malformed row(s) failed.")
+        return SkipReason("No pending executions." if not ended else f"{len(ended)} row(s) ended without a run.")
     return requests
 
 

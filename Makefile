@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: dev test test-slow bench system-deps compose-test
+.PHONY: dev test test-slow bench faults system-deps compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,14 +12,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # bubblewrap sandboxes user scripts, node runs the JavaScript ones, DejaVu fonts give PDFs
-# non-Latin text, ffmpeg splits large audio files for transcription (and makes the tests' audio).
-# Installed from Debian's packages when missing.
+# non-Latin text, ffmpeg splits large audio files for transcription (and makes the tests' audio);
+# the fault suite starts its own postgres (initdb) and redis-server. Installed from Debian's
+# packages when missing.
 system-deps:
 	@missing=""; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	[ -d /usr/share/fonts/truetype/dejavu ] || missing="$$missing fonts-dejavu-core"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 # make dev HOST=0.0.0.0 PORT=3001 (the UI has no authentication: keep 127.0.0.1 unless behind a proxy)
@@ -41,6 +44,11 @@ bench: $(VENV)/.installed system-deps
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+
+# Every fault-injection scenario at the issue's burst sizes (docs/faults.md, ~1 h): prints the
+# table and writes it to bench/results/faults.md. Fails when a goal does not hold.
+faults: $(VENV)/.installed system-deps
+	FLUX_FAULTS_FULL=1 $(VENV)/bin/pytest flux_dagster_tests/faults -m faults --timeout 1200 -q -rN
 
 # The docker/ stack built and run end to end (docs/containers.md): starts a dockerd if none runs,
 # builds a Debian base image when FLUX_BASE_IMAGE is not given. Docker, compose and debootstrap

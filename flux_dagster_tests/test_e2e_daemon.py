@@ -1,117 +1,26 @@
 """End to end through a real ``dagster-daemon`` and code server: rows inserted in the app DB become
 runs and finish, once each, on SQLite and on Postgres (app DB and Dagster storage)."""
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from flux_dagster import queue
-from flux_dagster.db.engine import normalize_url, session_scope
+from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import ExecutionLog, PendingExecution, StatusNotification, TokenLedgerEntry
-from flux_dagster_tests.conftest import PG_ADMIN_URL, add_node
+from flux_dagster_tests.conftest import add_node
+# BIN, deployment, free_port, postgres_database, runs_by_row, wait_terminal: other test modules import them from here.
+from flux_dagster_tests.deployment import (  # noqa: F401
+    BIN, REPO, deployment, free_port, postgres_database, runs_by_row, wait_terminal,
+)
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 OPENAI_NODE = {"AiSystem": "openai", "aiModel": "gpt-4o-mini", "prompt": "Say hi."}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def postgres_database():
-    name = f"flux_e2e_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(normalize_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@contextmanager
-def deployment(tmp_path: Path, app_db_url: str, env_extra: dict[str, str], daemon_command: list | None = None,
-               daemon_started=lambda process: None):
-    """A code server and a daemon, as in production, on a temp DAGSTER_HOME. ``daemon_command``
-    replaces ``dagster-daemon run`` (``-w workspace.yaml`` is appended); ``daemon_started`` gets
-    the daemon's Popen."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
-    port = free_port()
-    (tmp_path / "workspace.yaml").write_text(
-        f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {port}\n      location_name: flux_dagster\n"
-    )
-    env = {**os.environ, "DAGSTER_HOME": str(home), "FLUX_DATABASE_URL": app_db_url, "FLUX_HOME": str(tmp_path),
-           "FLUX_RETRY_DELAY_SCALE": "0.01", **env_extra}
-    logs = open(tmp_path / "deployment.log", "w")
-    code_server = subprocess.Popen(
-        [BIN / "dagster", "code-server", "start", "-m", "flux_dagster.definitions", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, cwd=REPO, stdout=logs, stderr=subprocess.STDOUT,
-    )
-    daemon = None
-    try:
-        deadline = time.monotonic() + 60
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert code_server.poll() is None and time.monotonic() < deadline, (tmp_path / "deployment.log").read_text()
-            time.sleep(0.2)
-        daemon = subprocess.Popen([*(daemon_command or [BIN / "dagster-daemon", "run"]), "-w", tmp_path / "workspace.yaml"],
-                                  env=env, cwd=REPO, stdout=logs, stderr=subprocess.STDOUT)
-        daemon_started(daemon)
-        yield env
-    finally:
-        for process in (daemon, code_server):
-            if process is not None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        logs.close()
-
-
-def wait_terminal(url: str, ids: list[int], timeout_s: float = 180) -> dict[int, PendingExecution]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with session_scope(url) as s:
-            rows = {r.id: r for r in s.scalars(select(PendingExecution).where(PendingExecution.id.in_(ids)))}
-        if all(r.status in ("completed", "failed", "cancelled") for r in rows.values()):
-            return rows
-        assert time.monotonic() < deadline, {i: r.status for i, r in rows.items()}
-        time.sleep(0.25)
-
-
-def runs_by_row(env: dict[str, str]) -> dict[str, list[str]]:
-    """Every Dagster run the daemon launched, grouped by pending execution id."""
-    code = (
-        "import json; from dagster import DagsterInstance\n"
-        "i = DagsterInstance.get()\n"
-        "out = {}\n"
-        "for r in i.get_runs():\n"
-        "    out.setdefault(r.tags.get('flux/pending_execution_id', '-'), []).append(r.status.value)\n"
-        "print(json.dumps(out))\n"
-    )
-    import json
-
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -91,41 +91,36 @@ def llm_bodies(llm):
 # 1. version snapshots ------------------------------------------------------------------------------
 
 
-def test_a_published_version_runs_instead_of_the_working_copy(app_url, llm):
+def test_published_versions_run_instead_of_the_working_copy(app_url, llm):
+    """A node execution and an agent execution, each naming a published version."""
     flow_id, node_id = add_node(app_url, "commandTextNode", {**OPENAI, "prompt": "DRAFT prompt"})
     version_id = str(uuid.uuid4())
+    math = lambda f: ("mathFunction", {"formula": f, "variables": []})  # noqa: E731
+    agent_flow = add_flow(app_url, {"n": math("1"), "w": ("commandTextNode", OPENAI)}, [])  # draft: no edge
+    agent_version = str(uuid.uuid4())
     with session_scope(app_url) as s:
         s.add(FlowVersionHistory(id=version_id, flowId=flow_id, version=3, edges=[],
                                  nodes=[{"nodeId": node_id, "type": "commandTextNode",
                                          "data": {**OPENAI, "prompt": "PUBLISHED prompt"}}]))
+        s.add(FlowVersionHistory(id=agent_version, flowId=agent_flow, version=1, nodes=[
+            {"nodeId": "n", "type": "mathFunction", "data": {"formula": "6 * 7", "variables": []}},
+            {"nodeId": "w", "type": "commandTextNode", "data": {**OPENAI, "instruction": "Use the number."}},
+        ], edges=[{"id": str(uuid.uuid4()), "edgeId": "e1", "flowId": agent_flow, "source": "n", "target": "w",
+                   "sourceHandle": "output", "targetHandle": "prompt"}]))
     ok = run_node(app_url, flow_id, node_id, flow_version_history_id=version_id)
     missing_version = run_node(app_url, flow_id, node_id, flow_version_history_id=str(uuid.uuid4()))
     missing_node = run_node(app_url, flow_id, "not-published", flow_version_history_id=version_id)
-    rows = finished(app_url, ok[0], missing_version[0], missing_node[0])
-    assert [r.status for r in rows] == ["completed", "failed", "failed"]
+    agent = enqueue_agent(app_url, agent_flow, flow_version_history_id=agent_version)
+    rows = finished(app_url, ok[0], missing_version[0], missing_node[0], agent[0])
+    assert [r.status for r in rows] == ["completed", "failed", "failed", "completed"], rows[3].error
     assert "does not exist" in rows[1].error and "is not in version" in rows[2].error
-    [body] = llm_bodies(llm)
-    assert "PUBLISHED prompt" in body["messages"][0]["content"] and "DRAFT" not in json.dumps(body)
+    systems = sorted(body["messages"][0]["content"] for body in llm_bodies(llm))
+    assert len(systems) == 2 and not any("DRAFT" in system for system in systems)
+    assert "PUBLISHED prompt" in systems[1]
+    assert "# Task\n42" in systems[0]  # the published edge fed the published formula's result
     execution = node_execution(app_url, ok[1], node_id)
     assert execution.flowVersionHistoryId == version_id and execution.output == llm.text
     assert node_data(app_url, node_id)["text"] == llm.text  # outputs go where they always go
-
-
-def test_an_agent_runs_the_published_graph(app_url, llm):
-    math = lambda f: ("mathFunction", {"formula": f, "variables": []})  # noqa: E731
-    flow_id = add_flow(app_url, {"n": math("1"), "w": ("commandTextNode", OPENAI)}, [])  # draft: no edge
-    version_id = str(uuid.uuid4())
-    with session_scope(app_url) as s:
-        s.add(FlowVersionHistory(id=version_id, flowId=flow_id, version=1, nodes=[
-            {"nodeId": "n", "type": "mathFunction", "data": {"formula": "6 * 7", "variables": []}},
-            {"nodeId": "w", "type": "commandTextNode", "data": {**OPENAI, "instruction": "Use the number."}},
-        ], edges=[{"id": str(uuid.uuid4()), "edgeId": "e1", "flowId": flow_id, "source": "n", "target": "w",
-                   "sourceHandle": "output", "targetHandle": "prompt"}]))
-    pending_id, exec_id = enqueue_agent(app_url, flow_id, flow_version_history_id=version_id)
-    [row] = finished(app_url, pending_id)
-    assert row.status == "completed", row.error
-    [body] = llm_bodies(llm)
-    assert "# Task\n42" in body["messages"][0]["content"]  # the published edge fed the published formula's result
 
 
 # 2. web search -------------------------------------------------------------------------------------
@@ -188,6 +183,7 @@ def test_streaming_to_a_socket_through_redis_and_the_same_result_without(app_url
     subscriber = redis.Redis.from_url(REDIS_URL).pubsub(ignore_subscribe_messages=True)
     subscriber.subscribe(channels["stream"])
     streamed = run_node(app_url, flow_id, node_id, socket_id="socket-abc")
+    plain = run_node(app_url, flow_id, node_id)
     messages = []
     deadline = time.monotonic() + 120
     while not (messages and messages[-1]["payload"]["done"]):
@@ -196,7 +192,6 @@ def test_streaming_to_a_socket_through_redis_and_the_same_result_without(app_url
         if message:
             messages.append(json.loads(message["data"]))
     subscriber.close()
-    plain = run_node(app_url, flow_id, node_id)
     rows = finished(app_url, streamed[0], plain[0])
     assert [r.status for r in rows] == ["completed", "completed"]
     assert {m["socketId"] for m in messages} == {"socket-abc"}

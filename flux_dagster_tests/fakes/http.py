@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Iterable
@@ -29,12 +30,25 @@ class Reply:
     chunks: Iterable[tuple[float, bytes]] | None = None
 
 
+@dataclass
+class Outage:
+    """Until ``until`` (monotonic): answer ``status`` (with ``headers``), or with ``status`` None
+    refuse connections (the listening socket is closed, open connections are dropped)."""
+
+    until: float
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 class LoopbackServer:
-    """``handle(recorded) -> Reply`` decides each answer; ``requests`` keeps what came in."""
+    """``handle(recorded) -> Reply`` decides each answer; ``requests`` keeps what came in.
+    ``outage()`` switches a fault mode on at runtime, for a while or for good."""
 
     def __init__(self, handle: Callable[[Recorded], Reply]):
         self.handle = handle
         self.requests: list[Recorded] = []
+        self.outage_state: Outage | None = None
+        self._listen_lock = threading.Lock()
         self.closed_streams = 0
         outer = self
 
@@ -49,8 +63,15 @@ class LoopbackServer:
                 except ValueError:
                     body = raw.decode(errors="replace")
                 recorded = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, raw)
+                outage = outer.current_outage()
+                if outage is not None and outage.status is None:
+                    self.close_connection = True  # a server that is down: the connection just ends
+                    return
                 outer.requests.append(recorded)
-                reply = outer.handle(recorded)
+                if outage is not None:
+                    reply = Reply(outage.status, {"error": {"message": f"fake outage {outage.status}"}}, outage.headers)
+                else:
+                    reply = outer.handle(recorded)
                 if reply.delay_s:
                     threading.Event().wait(reply.delay_s)
                 if reply.chunks is not None:
@@ -86,18 +107,50 @@ class LoopbackServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._handler = Handler
+        self.port = 0
+        self._bind()
+
+    def _bind(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler)
         self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "LoopbackServer":
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        with self._listen_lock:
+            if self.server is not None:
+                self.server.shutdown()
+                self.server.server_close()
+                self.server = None
+
+    def current_outage(self) -> Outage | None:
+        outage = self.outage_state
+        if outage is None or time.monotonic() >= outage.until:
+            return None
+        return outage
+
+    def outage(self, seconds: float, status: int | None = None, headers: dict[str, str] | None = None) -> None:
+        """Refuse connections (``status`` None) or answer ``status`` for ``seconds`` (inf: for good)."""
+        self.outage_state = Outage(time.monotonic() + seconds, status, headers or {})
+        if status is None:
+            with self._listen_lock:
+                self.server.shutdown()
+                self.server.server_close()
+            if seconds != float("inf"):
+                threading.Timer(seconds, self._listen_again).start()
+
+    def _listen_again(self) -> None:
+        with self._listen_lock:
+            if self.server is None:
+                return
+            self._bind()
+            self.thread.start()

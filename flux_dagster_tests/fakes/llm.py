@@ -2,7 +2,8 @@
 wire formats, as JSON or as server-sent event streams (``"stream": true``), the way the real SDKs
 expect them.
 
-``failures`` is a queue of HTTP statuses to answer first (429, 500, 400…), then normal answers.
+``failures`` is a queue of HTTP statuses to answer first (429, 500, 400…), then normal answers;
+``outage()`` (from the base) fails every request for a while; ``latency_s`` can change at runtime.
 What the answer holds is set on the server: ``text`` (streamed in ``chunks`` pieces,
 ``chunk_delay_s`` apart), token counts, ``reasoning`` (thinking / reasoning summary),
 ``search_results`` (web search calls and citations when the request asks for the tool, and
@@ -33,6 +34,11 @@ class FakeLlm(LoopbackServer):
         self._defaults = dict(text=text, input_tokens=input_tokens, output_tokens=output_tokens, latency_s=latency_s)
         self.reset()
         super().__init__(self._handle)
+
+    def generations(self, marker: str) -> list[Recorded]:
+        """Completion requests whose body mentions ``marker`` (a prompt names its execution)."""
+        return [r for r in self.requests if r.path.endswith(("/chat/completions", "/responses", "/messages"))
+                and marker in json.dumps(r.body)]
 
     def reset(self) -> None:
         """Back to the default answer (one server shared by a module's tests)."""

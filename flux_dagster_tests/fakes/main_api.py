@@ -11,10 +11,19 @@ class FakeMainApi(LoopbackServer):
         self.denied_models: set[str] = set()
         self.charge_failures: list[int] = []
         self.charges: dict[str, dict] = {}  # by idempotency key, as a deduplicating back would keep them
+        self.accepted: list[dict] = []  # every charge answered 200, duplicates included
         super().__init__(self._handle)
 
     def calls(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
+
+    def keys_by_execution(self) -> dict[str, set[str]]:
+        """Distinct idempotency keys charged per execution: more than one is a double charge even
+        for a back that deduplicates by key."""
+        keys: dict[str, set[str]] = {}
+        for body in self.charges.values():
+            keys.setdefault(body["execId"], set()).add(body["idempotencyKey"])
+        return keys
 
     def _handle(self, req: Recorded) -> Reply:
         if req.headers.get("internal-api-key") != self.api_key:
@@ -27,6 +36,7 @@ class FakeMainApi(LoopbackServer):
             if self.charge_failures:
                 return Reply(self.charge_failures.pop(0), {"success": False, "message": "billing down"})
             self.charges.setdefault(req.body["idempotencyKey"], req.body)
+            self.accepted.append(req.body)
             return Reply(200, {"success": True, "message": "charged", "tokens": req.body["usedTokens"]})
         if req.path == "/worker/delivery-outcome":
             return Reply(200, {"success": True})

@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: dev test bench faults system-deps compose-test
+.PHONY: dev test test-slow bench faults system-deps compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ dev: $(VENV)/.installed system-deps
 
 test: $(VENV)/.installed system-deps
 	$(VENV)/bin/pytest
+
+# Minutes-long checks left out of `make test` (e.g. Ctrl-C on a real `flux-dagster dev`).
+test-slow: $(VENV)/.installed system-deps
+	$(VENV)/bin/pytest -m slow
 
 # psutil samples the processes; pgbouncer pools Postgres connections in the "ours" set-up.
 # BENCH_ARGS: e.g. --quick, --storage postgres (see bench/run.py).

@@ -4,8 +4,9 @@
     .venv/bin/python -m bench.purge --runs 2000 --storage sqlite   # a quick look
 
 Per storage: a real code server + daemon (``bench/harness.py``), then a synthetic history written
-fast through the instance's storage API (finished runs with tags and ``--events-per-run`` events
-each, their terminal ``pending_executions`` rows and notifications), then:
+fast through the instance's storages (``seed_history``: finished runs with the sensor's tags and
+``--events-per-run`` events each, their terminal ``pending_executions`` rows and notifications),
+then:
 
 1. live latency: ``--live-n`` sequential executions (insert → COMPLETED), before the purge;
 2. the purge of that whole history (``flux_dagster.purge.purge_history``, batches of 500) in a
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -33,14 +36,25 @@ RUN_TAGS = ("flux/pending_execution_id", "flux/exec_id", "flux/flow_id", "flux/n
 
 
 def seed_history(instance, app_url: str, runs: int, events_per_run: int) -> float:
-    """Finished runs with tags and events, plus their rows; returns the seconds it took."""
+    """Finished runs with tags and events, plus their rows; returns the seconds it took.
+
+    Fast: runs, tags and (Postgres) events go in as multi-row inserts through the storages' own
+    connections and row builders (``add_run`` and ``store_event`` open a connection per call,
+    hours for 100,000 runs). On SQLite each run's events live in their own file: the first run's
+    file is written through ``store_event``, the others are copies of it with their run id."""
     from dagster import DagsterRun, DagsterRunStatus
     from dagster._core.events.log import EventLogEntry
+    from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+    from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
 
     from flux_dagster import demo
     from flux_dagster.db.engine import session_scope
     from flux_dagster.db.models import PendingExecution, StatusNotification, utcnow
 
+    run_storage, event_storage = instance.run_storage, instance.event_log_storage
+    sqlite_events = isinstance(event_storage, SqliteEventLogStorage)
+    template: str | None = None
     started = time.monotonic()
     batch = 1000
     for first in range(0, runs, batch):
@@ -55,18 +69,38 @@ def seed_history(instance, app_url: str, runs: int, events_per_run: int) -> floa
                                          payload={}, created_at=now) for r in rows)
             s.flush()
             ids = [(r.id, r.exec_id) for r in rows]
-        for pending_id, exec_id in ids:
-            run_id = str(uuid.uuid4())
-            tags = dict(zip(RUN_TAGS, (str(pending_id), exec_id, demo.DEMO_FLOW, "summarize", "history",
-                                       "commandTextNode", "0")))
-            instance.run_storage.add_run(DagsterRun(job_name="process_single_node", run_id=run_id,
-                                                    status=DagsterRunStatus.SUCCESS, tags=tags))
-            instance.event_log_storage.store_event_batch([
-                EventLogEntry(error_info=None, level=20, user_message=f"synthetic event {i}", run_id=run_id,
-                              timestamp=time.time(), step_key="text_generator", job_name="process_single_node",
-                              dagster_event=None)
-                for i in range(events_per_run)
-            ])
+        dagster_runs = [
+            DagsterRun(job_name="process_single_node", run_id=str(uuid.uuid4()), status=DagsterRunStatus.SUCCESS,
+                       tags=dict(zip(RUN_TAGS, (str(pending_id), exec_id, demo.DEMO_FLOW, "summarize", "history",
+                                                "commandTextNode", "0"))))
+            for pending_id, exec_id in ids
+        ]
+        with run_storage.connect() as conn:
+            conn.execute(RunsTable.insert(), [run_storage._get_run_insertion_values(r, now) for r in dagster_runs])
+            conn.execute(RunTagsTable.insert(), [dict(run_id=r.run_id, key=k, value=v)
+                                                 for r in dagster_runs for k, v in r.tags.items()])
+        entries = {r.run_id: [EventLogEntry(error_info=None, level=20, user_message=f"synthetic event {i}",
+                                            run_id=r.run_id, timestamp=time.time(), step_key="text_generator",
+                                            job_name="process_single_node", dagster_event=None)
+                              for i in range(events_per_run)] for r in dagster_runs}
+        if sqlite_events:
+            for run_id, events in entries.items():
+                if template is None:
+                    for event in events:
+                        event_storage.store_event(event)
+                    template = event_storage.path_for_shard(run_id)
+                    with sqlite3.connect(template) as db:
+                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    continue
+                shard = event_storage.path_for_shard(run_id)
+                shutil.copyfile(template, shard)
+                with sqlite3.connect(shard) as db:
+                    db.execute("PRAGMA synchronous = OFF")  # a bench fixture: no need to survive a crash
+                    db.execute("UPDATE event_logs SET run_id = ?", (run_id,))
+        elif events_per_run:
+            with event_storage.index_connection() as conn:
+                conn.execute(SqlEventLogStorageTable.insert(),
+                             [event_storage._event_to_row(e) for events in entries.values() for e in events])
         print(f"  seeded {first + n}/{runs} runs ({time.monotonic() - started:.0f} s)", flush=True)
     return time.monotonic() - started
 
@@ -94,6 +128,8 @@ def run_storage(storage: str, runs: int, events_per_run: int, live_n: int, seed:
             sampler = Sampler(dep.roots)
             try:
                 bench = Bench(dep, llm, sampler, pg=storage == "postgres")
+                # As `flux-dagster purge` does (run workers, where the job runs, are pooled already).
+                bench.instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=2)
                 print(f"[{storage}] warming up", flush=True)
                 bench.warm_up()
                 print(f"[{storage}] seeding {runs} runs x {events_per_run} events", flush=True)
@@ -148,12 +184,15 @@ def markdown(results: list[dict], command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--sqlite-runs", type=int, default=None,
+                        help="runs for SQLite (default --runs)")
     parser.add_argument("--events-per-run", type=int, default=10)
     parser.add_argument("--storage", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
     parser.add_argument("--live-n", type=int, default=30, help="sequential executions measured before and during")
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args(argv)
-    results = [run_storage(s, args.runs, args.events_per_run, args.live_n, args.seed) for s in args.storage]
+    results = [run_storage(s, args.sqlite_runs or args.runs if s == "sqlite" else args.runs, args.events_per_run,
+                           args.live_n, args.seed) for s in args.storage]
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "purge.json").write_text(json.dumps(results, indent=2, default=str))

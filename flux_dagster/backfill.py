@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from flux_dagster.db.models import PendingExecution
 
 REQUEUE_FIELDS = ("kind", "exec_id", "flow_id", "node_id", "user_id", "session_id", "flow_version_history_id",
-                  "run_id", "socket_id", "priority")
+                  "run_id", "socket_id", "payload", "priority")
 
 
 def requeue_failed(session: Session, start: datetime, end: datetime) -> list[int]:

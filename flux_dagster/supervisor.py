@@ -6,7 +6,7 @@ and outlive the daemon by design: when the daemon stops, the zygote stops launch
 runs in flight finish within ``FLUX_SHUTDOWN_GRACE_S``, then terminates the rest and offers their
 executions again (``flux_dagster/launcher/zygote.py``). The supervisor makes itself the *child
 subreaper* of everything it starts (Linux ``PR_SET_CHILD_SUBREAPER``), so those orphaned processes
-become its children: it passes SIGINT/SIGTERM on, then waits for every descendant, and kills what
+become its children: it passes SIGTERM on, then waits for every descendant, and kills what
 is still there after the grace period plus the zygote's own termination wait and ``KILL_MARGIN_S``.
 """
 
@@ -64,8 +64,9 @@ def _reap_all(deadline: float) -> list[int]:
 
 
 def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
-    """Run ``argv`` as a child; on SIGINT/SIGTERM pass the signal on; when it exits, wait for
-    every process it left behind (grace period), kill the rest. Returns the child's exit code."""
+    """Run ``argv`` as a child; pass SIGTERM on (a terminal's Ctrl-C already reaches the child);
+    when it exits, wait for every process it left behind (grace period), kill the rest. Returns
+    the child's exit code."""
     grace_s = shutdown_grace_s() if grace_s is None else grace_s
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -80,12 +81,7 @@ def supervise(argv: Sequence[str], grace_s: float | None = None) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
-    while True:
-        try:
-            code = child.wait()
-            break
-        except InterruptedError:
-            continue
+    code = child.wait()
     leftovers = _reap_all(time.monotonic() + grace_s + TERMINATE_WAIT_S + KILL_MARGIN_S)
     for pid in leftovers:
         try:

@@ -67,6 +67,10 @@ def test_purge_deletes_old_runs_with_their_traces_and_old_rows_only(app_db_url, 
         s.add(StatusNotification(room="r", payload={}, created_at=cutoff.replace(year=2020)))  # unpublished
     assert ledger_before == 2
     assert (Path(instance.storage_directory()) / old_run / "compute_logs").exists()
+    sqlite = not app_db_url.startswith("postgres")
+    if sqlite:  # the run's own event log file
+        shard = Path(instance.event_log_storage.path_for_shard(old_run))
+        assert shard.exists()
 
     with session_scope(app_db_url) as s:
         planned = count_purgeable(instance, s, cutoff, redis_configured=True)
@@ -81,10 +85,10 @@ def test_purge_deletes_old_runs_with_their_traces_and_old_rows_only(app_db_url, 
     assert (done.runs, done.pending_executions, done.status_notifications) == (1, 1, 2)
     assert sum(progress) == done.total
     assert instance.get_run_by_id(old_run) is None
-    if app_db_url.startswith("postgres"):
+    if sqlite:
+        assert not shard.exists()
+    else:
         assert instance.all_logs(old_run) == []
-    else:  # the run's own event log file
-        assert not Path(instance.storage_directory(), f"{old_run}.db").exists()
     assert not (Path(instance.storage_directory()) / old_run).exists()
     assert instance.get_run_tags(tag_keys=["flux/pending_execution_id"])[0][1] == {str(new.pending_id)}
     assert instance.get_run_by_id(new.result.run_id).status == DagsterRunStatus.SUCCESS

@@ -21,7 +21,10 @@ agent_executor = multiprocess_executor.configured(
 )
 
 
-@job(executor_def=agent_executor)
+@job(executor_def=agent_executor,
+     description="A whole flow (a pending_executions row of kind agent): validates the graph, then one "
+                 "step per node in dependency order, outputs fed to successors, independent nodes in "
+                 "parallel (FLUX_AGENT_PARALLELISM). Started by pending_executions_sensor.")
 def process_agent():
     # The execution-level error path covers loading the flow; nodes report their own errors.
     load_flow.with_hooks({node_execution_error})().map(run_agent_node)

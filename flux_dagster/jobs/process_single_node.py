@@ -22,7 +22,10 @@ from flux_dagster.ops.sql_querier import sql_querier
 from flux_dagster.ops.text_generator import charge_tokens, text_generator, validate_model_access
 
 
-@job(executor_def=in_process_executor, hooks={node_execution_error})
+@job(executor_def=in_process_executor, hooks={node_execution_error},
+     description="One node execution (a pending_executions row of kind node): PENDING, read the node, "
+                 "the branch of its type (the others show as skipped), logs, COMPLETED; on failure the "
+                 "error path once. Started by pending_executions_sensor, one run per row.")
 def process_single_node():
     request = notify_status_pending()
     branches = get_info_in_database(request)

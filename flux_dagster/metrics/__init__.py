@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import and_, case, func, literal, select
+from sqlalchemy import and_, case, func, select
 
 from flux_dagster.db.engine import session_scope
 from flux_dagster.db.models import FlowNode, PendingExecution, TokenLedgerEntry, utcnow
@@ -24,7 +24,8 @@ from flux_dagster.db.models import FlowNode, PendingExecution, TokenLedgerEntry,
 # insert → completed, seconds: an execution takes ~1 s on the warm path, an agent minutes.
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, float("inf"))
 # This project's error classes (flux_dagster/errors.py): the label of a step's error.
-ERROR_CLASSES = ("ProviderError", "IntegrationError", "ExecutionTimeoutError", "UserConfigError", "SystemError_")
+ERROR_CLASSES = ("ProviderError", "IntegrationError", "ExecutionTimeoutError", "UserConfigError", "ExecutionCancelled",
+                 "SystemError_")
 QUEUE_STATUSES = ("pending", "launched", "running", "completed", "failed", "cancelled")
 KEEP_SEEN_RUNS = 10_000
 
@@ -72,7 +73,9 @@ class FluxCollector(Collector):
         window = PendingExecution.finished_at <= until
         if since is not None:
             window = and_(window, PendingExecution.finished_at > since)
-        node_type = case((PendingExecution.kind == "agent", literal("agent")), else_=func.coalesce(FlowNode.type, "unknown"))
+        # A node row is labelled with its node's type; agent and delivery rows with their kind.
+        node_type = case((PendingExecution.kind != "node", PendingExecution.kind),
+                         else_=func.coalesce(FlowNode.type, "unknown"))
         rows = session.execute(
             select(node_type, PendingExecution.status, PendingExecution.kind, PendingExecution.created_at,
                    PendingExecution.finished_at)
@@ -147,8 +150,8 @@ class FluxCollector(Collector):
         for status, n in sorted(depth.items()):
             queue.add_metric([status], n)
         yield queue
-        executions = CounterMetricFamily("flux_executions", "Executions finished, by node type (agent for an "
-                                         "agent) and outcome", labels=["node_type", "outcome"])
+        executions = CounterMetricFamily("flux_executions", "Executions finished, by node type (the kind for "
+                                         "agent and delivery rows) and outcome", labels=["node_type", "outcome"])
         for (node_type, outcome), n in sorted(self.executions.items()):
             executions.add_metric([node_type, outcome], n)
         yield executions

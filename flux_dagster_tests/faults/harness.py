@@ -211,7 +211,9 @@ class World:
         were published out of order (PENDING, RUNNING, then the final one)."""
         def wrong(e: Execution) -> bool:
             published = self.notified(e) or ["-"]
-            ranks = [STATUS_ORDER.get(s, 2) for s in published]
+            # a re-execution or run retry starts a new PENDING cycle: order is checked within the last one
+            last_cycle = published[max((i for i, s in enumerate(published) if s == "PENDING"), default=0):]
+            ranks = [STATUS_ORDER.get(s, 2) for s in last_cycle]
             return published[-1] != rows[e.pending_id].status.upper() or ranks != sorted(ranks)
 
         return [e for e in executions if rows[e.pending_id].status in TERMINAL and wrong(e)]

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from flux_dagster.ops.guards import REUSED_MESSAGE
+
 pytestmark = pytest.mark.faults
 
 
@@ -29,7 +31,7 @@ def test_completed_run_reexecuted_all_steps(world, report):
     assert status == "SUCCESS", world.run_log(child)[-2000:]
     assert _generations_and_charges(world, execution) == (1, 1), "generated or charged again"
     assert world.rows([execution])[execution.pending_id].status == "completed"
-    assert "already completed" in world.run_log(child).lower(), "the re-executed run does not say why it did nothing"
+    assert REUSED_MESSAGE in world.run_log(child), "the re-executed run does not say why it did nothing"
 
 
 def test_failed_run_reexecuted_from_failure_twice(world, report):

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, select, text, update
 from flux_dagster import demo, queue
 from flux_dagster.db.engine import create_schema, get_engine, normalize_url, session_scope
 from flux_dagster.db.models import Flow, FlowNode, NodeExecution, PendingExecution, utcnow
+from flux_dagster.launcher.worker_process import PID_TAG
 from flux_dagster_tests.deployment import TERMINAL, Deployment, postgres_database
 from flux_dagster_tests.fakes.llm import FakeLlm
 from flux_dagster_tests.fakes.main_api import FakeMainApi
@@ -186,12 +187,12 @@ class World:
             "SELECT r.run_id, r.status,"
             " max(CASE WHEN t.key = 'flux/pending_execution_id' THEN t.value END),"
             " max(CASE WHEN t.key = 'dagster/parent_run_id' THEN t.value END),"
-            " max(CASE WHEN t.key = 'flux/run_worker_pid' THEN t.value END)"
+            " max(CASE WHEN t.key = :pid_tag THEN t.value END)"
             " FROM runs r LEFT JOIN run_tags t ON t.run_id = r.run_id GROUP BY r.run_id, r.status, r.id ORDER BY r.id"
         )
         with self._dagster_engine.connect() as conn:
             return [Run(run_id, status, pid, parent, int(wpid) if wpid else None)
-                    for run_id, status, pid, parent, wpid in conn.execute(query)]
+                    for run_id, status, pid, parent, wpid in conn.execute(query, {"pid_tag": PID_TAG})]
 
     def runs_of(self, execution: Execution) -> list[Run]:
         return [r for r in self.runs() if r.pending_id == str(execution.pending_id)]

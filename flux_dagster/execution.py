@@ -40,6 +40,7 @@ class ExecutionRequest:
     run_id: str | None = None
     pending_execution_id: int | None = None
     kind: str = "node"
+    duplicate_of: str | None = None  # another run is executing this row: this one does nothing
     socket_id: str | None = None  # the client socket that receives the streamed answer
 
 

@@ -224,3 +224,31 @@ def test_an_op_past_its_deadline_ends_with_a_clear_timeout(monkeypatch):
     result = stuck.execute_in_process(raise_on_error=False)
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "did not finish within 0.5 s" in failure.event_specific_data.error.message
+
+
+def test_a_second_launch_of_a_row_that_is_running_does_nothing(app_db_url, fake_llm, fake_main_api):
+    import uuid as _uuid
+
+    from dagster import DagsterRun, DagsterRunStatus
+
+    from flux_dagster import queue
+    from flux_dagster.sensors.pending_executions import run_request_for
+
+    flow_id, node_id = add_node(app_db_url, "commandTextNode", OPENAI_NODE)
+    instance = DagsterInstance.ephemeral()
+    first = DagsterRun(job_name="process_single_node", run_id=str(_uuid.uuid4()), status=DagsterRunStatus.STARTED)
+    instance.add_run(first)
+    with session_scope(app_db_url) as session:
+        row = queue.enqueue(session, kind="node", exec_id=str(_uuid.uuid4()), flow_id=flow_id, node_id=node_id,
+                            user_id="user-1", session_id="session-1")
+        row.status, row.dagster_run_id = "running", first.run_id  # the first launch is at work
+        request = run_request_for(row, None)
+        pending_id = row.id
+    result = process_single_node.execute_in_process(
+        run_config=request.run_config, tags=request.tags, instance=instance, raise_on_error=False,
+        resources=make_resources(app_db_url, llm_url=fake_llm.url, main_api=fake_main_api),
+    )
+    assert result.success and llm_calls(fake_llm) == [] and fake_main_api.charges == {}
+    [row] = rows(app_db_url, PendingExecution, id=pending_id)
+    assert (row.status, row.dagster_run_id) == ("running", first.run_id)
+    assert any("already executing this execution" in e.user_message for e in instance.all_logs(result.run_id))

@@ -8,6 +8,7 @@ from flux_dagster import agent, queue
 from flux_dagster.execution import ExecutionRequest
 from flux_dagster.files.resource import FileStoreResource
 from flux_dagster.node_types import NODE_TYPES, NodeServices
+from flux_dagster.ops.guards import running_elsewhere
 from flux_dagster.ops.lifecycle import ExecutionParams
 from flux_dagster.ops.retries import RETRY_POLICIES, agent_retrying, node_errors
 from flux_dagster.resources import AppDatabase, LlmResource, MainApiResource, MediaApisResource, NotifierResource
@@ -26,6 +27,9 @@ def load_flow(context: OpExecutionContext, config: ExecutionParams, app_db: AppD
     request = ExecutionRequest(kind="agent", **config.model_dump())
     with node_errors():
         with app_db.session() as session:
+            if (other := running_elsewhere(context, session, config.pending_execution_id)) is not None:
+                context.log.warning(f"Run {other} is already executing this execution: this run does nothing.")
+                return
             queue.mark_running(session, config.pending_execution_id, context.run_id)
         with app_db.session() as session:
             graph = agent.load_graph(session, request, set(NODE_TYPES))

@@ -15,6 +15,20 @@ from flux_dagster.resources import AppDatabase
 REUSED_MESSAGE = "Completed by an earlier run of this execution: its output is reused, not generated or charged again."
 
 
+def running_elsewhere(context: OpExecutionContext, session, pending_id: int) -> str | None:
+    """The id of another run already executing this row, when there is one still in progress:
+    a second launch of the same row (a relaunch while the first was stuck in the queue, a UI
+    re-execution of a running one) must not execute it twice. Call with the row locked."""
+    from flux_dagster.db.models import PendingExecution
+
+    row = session.get(PendingExecution, pending_id, with_for_update=True)
+    other = row.dagster_run_id if row is not None and row.status == "running" else None
+    if other in (None, context.run_id):
+        return None
+    run = context.instance.get_run_by_id(other)
+    return other if run is not None and not run.is_finished else None
+
+
 def earlier_completion(context: OpExecutionContext, app_db: AppDatabase, task: NodeTask) -> NodeExecution | None:
     """Stops a cancelled execution; returns the node's execution row when an earlier run completed it."""
     with app_db.session() as session:

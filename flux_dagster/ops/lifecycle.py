@@ -1,5 +1,6 @@
 """The ops every node execution goes through, whatever its type."""
 
+from dataclasses import replace
 
 from dagster import Config, HookContext, OpExecutionContext, Out, Output, failure_hook, op
 
@@ -8,6 +9,7 @@ from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import ExecutionRequest, NodeOutcome, NodeTask, load_node, start_node_execution, write_execution_log
 from flux_dagster.failures import cancel_execution, fail_execution
 from flux_dagster.node_types import NODE_TYPES
+from flux_dagster.ops.guards import running_elsewhere
 from flux_dagster.ops.retries import CANCELLED_MESSAGE, RETRY_POLICIES, cancel_own_run, error_of, node_errors, was_interrupted
 from flux_dagster.resources import AppDatabase, NotifierResource
 
@@ -46,6 +48,9 @@ def notify_status_pending(
     request = ExecutionRequest(kind="node", **config.model_dump())
     with node_errors():
         with app_db.session() as session:
+            if (other := running_elsewhere(context, session, config.pending_execution_id)) is not None:
+                context.log.warning(f"Run {other} is already executing this execution: this run does nothing.")
+                return replace(request, duplicate_of=other)
             row = queue.mark_running(session, config.pending_execution_id, context.run_id)
             if row is not None and row.cancel_requested_at is not None:
                 cancel_own_run(context)
@@ -58,7 +63,10 @@ def notify_status_pending(
     retry_policy=RETRY_POLICIES["get_info_in_database"],
 )
 def get_info_in_database(context: OpExecutionContext, request: ExecutionRequest, app_db: AppDatabase):
-    """``getInfoInDatabase``: load the node and take the branch of its type."""
+    """``getInfoInDatabase``: load the node and take the branch of its type (none at all for a
+    duplicate launch: every later step is skipped)."""
+    if request.duplicate_of:
+        return
     with node_errors():
         with app_db.session() as session:
             task = load_node(session, request, request.node_id)

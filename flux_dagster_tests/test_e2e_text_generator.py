@@ -51,7 +51,8 @@ def app_url(tmp_path_factory, llm, channels):
            "PPLX_API_KEY": "pplx-e2e", "PERPLEXITY_BASE_URL": f"{llm.url}/perplexity",
            "GROQ_API_KEY": "gsk-e2e", "GROQ_BASE_URL": f"{llm.url}/openai/v1",
            "XAI_API_KEY": "xai-e2e", "XAI_BASE_URL": f"{llm.url}/openai/v1",
-           "REDIS_URL": REDIS_URL, "FLUX_STATUS_CHANNEL": channels["status"], "FLUX_STREAM_CHANNEL": channels["stream"]}
+           "REDIS_URL": REDIS_URL, "FLUX_STATUS_CHANNEL": channels["status"], "FLUX_STREAM_CHANNEL": channels["stream"],
+           "FLUX_OP_DEADLINES": "counter=3"}
     with deployment(tmp, url, env):
         yield url
 
@@ -297,3 +298,14 @@ def test_usage_shapes_are_charged_with_the_right_counts(app_url, llm):
     assert (b.input_tokens, b.output_tokens, b.estimated) == (10, 50, False)
     [c] = ledger(app_url, third[1])
     assert c.estimated and c.output_tokens == -(-len(llm.text) // 4)
+
+
+# 6. timeouts --------------------------------------------------------------------------------------
+
+
+def test_a_step_past_its_deadline_fails_clearly_instead_of_hanging(app_url):
+    flow_id, node_id = add_node(app_url, "counterNode", {"counterMode": "wait", "waitSeconds": 30, "text": "1"})
+    pending_id, exec_id = run_node(app_url, flow_id, node_id)
+    [row] = finished(app_url, pending_id)
+    assert row.status == "failed" and "did not finish within 3 s" in row.error
+    assert node_execution(app_url, exec_id, node_id).status == "FAILED"

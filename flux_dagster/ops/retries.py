@@ -94,7 +94,11 @@ OP_DEADLINES_S: dict[str, float] = {
     "display_box": 600.0,
     "api_caller": 300.0,  # polling may run up to pollingRetryDuration
 }
-NOT_RETRIED_ON_DEADLINE = ("api_caller", "sql_querier", "mcp_client")
+# Operators may override any of them: FLUX_OP_DEADLINES="counter=300,api_caller=600" (seconds).
+OP_DEADLINES_S.update({name.strip(): float(value) for name, _, value in (
+    item.partition("=") for item in os.environ.get("FLUX_OP_DEADLINES", "").split(",") if "=" in item)})
+# A repeat could act on a user's system twice, or (counter) would only wait past its deadline again.
+NOT_RETRIED_ON_DEADLINE = ("api_caller", "sql_querier", "mcp_client", "counter")
 # What one attempt is expected to take at most, for the 5-minute budget (a hung call ends at its
 # client's own timeout well before its op's deadline).
 ATTEMPT_BOUND_S = 120.0

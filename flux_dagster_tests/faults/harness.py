@@ -70,6 +70,13 @@ class World:
 
     def __init__(self, pg: PrivatePostgres, tmp_path: Path, env_extra: dict[str, str] | None = None):
         self._stack = ExitStack()
+        try:
+            self._start(pg, tmp_path, env_extra)
+        except BaseException:
+            self._stack.close()  # a deployment that failed to start is stopped too
+            raise
+
+    def _start(self, pg: PrivatePostgres, tmp_path: Path, env_extra: dict[str, str] | None) -> None:
         self.pg = pg
         self.app_url = self._stack.enter_context(postgres_database(pg.admin_url))
         # The suite's own connections are named, so terminating the worker's spares them.

@@ -58,7 +58,7 @@ def execution_run_failure_sensor(context: RunFailureSensorContext, app_db: AppDa
     message = context.failure_event.message or "The run failed."
     attempts = int(run.tags.get(RETRY_NUMBER_TAG, "0")) + 1
     user_message = ("The execution stopped unexpectedly; it can be re-executed." if attempts == 1 else
-                    f"The execution's run stopped unexpectedly {attempts} times (last: its worker died or "
+                    f"The execution's run stopped unexpectedly on all {attempts} attempts (its worker died or "
                     "could not start); it was not retried again and can be re-executed.")
     error = SystemError_(user_message, dev_message=message)
     if fail_execution(app_db.url, notifier.client(), pending_id, run.run_id, error, message):

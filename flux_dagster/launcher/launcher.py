@@ -1,20 +1,22 @@
-"""``WarmRunLauncher``: starts each run in a process forked from a warm, pre-imported zygote.
+"""``WarmRunLauncher``: runs executed by warm run hosts forked from a pre-imported zygote.
 
 With Dagster's ``DefaultRunLauncher`` every run pays a fresh interpreter: ``import dagster``,
-the storage classes and the code location, about a second of CPU before the first op. Here the
-launcher (in the daemon, where the run queue launches runs) keeps one zygote process per version
-of each code location (``flux_dagster/launcher/zygote.py``); a launch is a line on the zygote's
-stdin and a ``fork``. Every run is still a separate process running Dagster's own run-worker code
-path, with the same events, results and run storage as with ``DefaultRunLauncher``.
+the storage classes and the code location, about a second of CPU before the first op, and holds a
+process (~35 MB of its own, its storage connections) while it waits for an LLM. Here the launcher
+(in the daemon, where the run queue launches runs) keeps one zygote process per version of each
+code location (``flux_dagster/launcher/zygote.py``), which forks run hosts
+(``flux_dagster/launcher/run_host.py``): warm processes executing many runs at once, one thread
+each. A launch is a line on the zygote's stdin. Every run still goes through Dagster's own
+run-worker code path, with the same events, results and run storage as with ``DefaultRunLauncher``.
 
 - Code reloads: the zygote is keyed by the code server's id, which changes when the location is
   reloaded or restarted; the next launch starts a new zygote on the new code and the old one exits
   once its runs are done.
-- Run monitoring: ``check_run_worker_health`` reports a run worker that died (exit status from the
-  zygote, else the pid and start time recorded in the run's tags, checked in ``/proc``).
-- Termination: ``terminate`` marks the run CANCELING and signals the worker when it runs on this
-  host; the launcher that owns the worker also signals workers of runs marked CANCELING elsewhere
-  (the webserver on another host), within ``cancel_poll_interval_seconds``.
+- Run monitoring: ``check_run_worker_health`` reports a run host that died (exit status from the
+  zygote, else the pid and start time recorded in the run's tags, checked in ``/proc``, else the
+  host's heartbeat).
+- Termination: ``terminate`` marks the run CANCELING; the host executing it (wherever it is) sees
+  that within ``cancel_poll_interval_seconds`` and stops the run's work (``run_host.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,14 +31,15 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dagster import Array, Field, Noneable, StringSource
+from dagster import Array, Field, StringSource
 from dagster import _check as check
 from dagster._core.errors import DagsterError, DagsterLaunchFailedError
-from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher, WorkerStatus
-from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher
+from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
 
-from flux_dagster.launcher.worker_process import HOST_TAG, PID_TAG, START_TAG, process_start_ticks
+from flux_dagster.launcher.run_host import run_worker_health
+from flux_dagster.launcher.worker_process import HOST_TAG, PID_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +104,9 @@ class _Zygote:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def launch(self, run_id: str, timeout_s: float) -> dict[str, Any]:
+    def launch(self, run_id: str, job_name: str, timeout_s: float) -> dict[str, Any]:
         with self._lock:
-            self._send({"launch": run_id})
+            self._send({"launch": run_id, "job": job_name})
             if not self._reply_arrived.wait_for(lambda: run_id in self._replies or not self.alive, timeout_s):
                 raise DagsterLaunchFailedError(f"The run zygote did not start run {run_id} in {timeout_s:.0f}s.")
             if run_id not in self._replies:
@@ -129,17 +131,21 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         start_timeout_seconds: float = 120,
         cancel_poll_interval_seconds: float = 1.0,
         pool_connections: bool = True,
+        runs_per_host: int = 100,
+        host_processes: int = 0,
+        max_runs_per_host: int = 1000,
     ):
         self._inst_data = inst_data
         self.preload_modules = list(preload_modules or [])
         self.pool_connections = pool_connections
         self.start_timeout_seconds = start_timeout_seconds
         self.cancel_poll_interval_seconds = cancel_poll_interval_seconds
+        self.runs_per_host = runs_per_host
+        self.host_processes = host_processes or os.cpu_count() or 1
+        self.max_runs_per_host = max_runs_per_host
         self._lock = threading.Lock()
         self._zygotes: dict[tuple, _Zygote] = {}
         self._retired: list[_Zygote] = []
-        self._stop = threading.Event()
-        self._cancel_watcher: threading.Thread | None = None
         self._hostname = socket.gethostname()
         super().__init__()
 
@@ -164,8 +170,20 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 "(Postgres), instead of one new connection per event.",
             ),
             "cancel_poll_interval_seconds": Field(
-                Noneable(float), is_required=False, default_value=1.0,
-                description="How often the owning launcher looks for its runs marked CANCELING elsewhere.",
+                float, is_required=False, default_value=1.0,
+                description="How often a run host looks for its runs marked CANCELING (and beats).",
+            ),
+            "runs_per_host": Field(
+                int, is_required=False, default_value=100,
+                description="Runs one run host executes at once (one thread each).",
+            ),
+            "host_processes": Field(
+                int, is_required=False, default_value=0,
+                description="Run hosts that share the runs (0: one per CPU); more are forked when all are full.",
+            ),
+            "max_runs_per_host": Field(
+                int, is_required=False, default_value=1000,
+                description="After this many runs a host takes no more and exits when they are done.",
             ),
         }
 
@@ -208,17 +226,20 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 "repository_origin": serialize_value(origin),
                 "preload_modules": self.preload_modules,
                 "pool_connections": self.pool_connections,
+                "runs_per_host": self.runs_per_host,
+                "host_processes": self.host_processes,
+                "max_runs_per_host": self.max_runs_per_host,
+                "cancel_poll_interval_seconds": self.cancel_poll_interval_seconds,
             }
             zygote = _Zygote(setup, getattr(origin.code_pointer, "working_directory", None), self.start_timeout_seconds,
                              on_exit=self._settle_exited)
             self._zygotes[key] = zygote
-            self._start_cancel_watcher()
             return zygote
 
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
-        # The worker tags the run with its pid and host itself, before the run starts.
-        self._zygote_for(run, context).launch(run.run_id, timeout_s=30)
+        # The host tags the run with its pid and machine itself, before the run starts.
+        self._zygote_for(run, context).launch(run.run_id, run.job_name, timeout_s=30)
 
     # --- monitoring and termination ---------------------------------------------------------------
 
@@ -232,38 +253,12 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 return zygote.exits[run_id]
         return None
 
-    def _local_pid(self, run: DagsterRun) -> int | None:
-        """The run worker's pid when it runs on this host and is still that same process."""
-        tags = run.tags
-        if tags.get(HOST_TAG) != self._hostname or not tags.get(PID_TAG):
-            return None
-        pid = int(tags[PID_TAG])
-        ticks = process_start_ticks(pid)
-        if ticks is None or (tags.get(START_TAG) and str(ticks) != tags[START_TAG]):
-            return None
-        return pid
-
     @property
     def supports_check_run_worker_health(self) -> bool:
         return True
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
-        pid_tag = run.tags.get(PID_TAG)
-        if not pid_tag:
-            # Our workers tag the run before it starts: this one was launched otherwise (e.g.
-            # before this launcher was configured). Nothing to judge it by; max runtime still applies.
-            return CheckRunHealthResult(WorkerStatus.RUNNING, "Not started by WarmRunLauncher.")
-        if run.tags.get(HOST_TAG) != self._hostname:
-            return CheckRunHealthResult(
-                WorkerStatus.UNKNOWN, f"The run worker ran on host {run.tags.get(HOST_TAG)}, not on this one."
-            )
-        exit_code = self._exit_code(run.run_id)
-        if exit_code is not None:
-            how = f"was killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
-            return CheckRunHealthResult(WorkerStatus.FAILED, f"Run worker {pid_tag} {how} before the run finished.")
-        if self._local_pid(run) is None:
-            return CheckRunHealthResult(WorkerStatus.FAILED, f"Run worker process {pid_tag} is gone.")
-        return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=pid_tag)
+        return run_worker_health(self._instance, run, self._exit_code(run.run_id), self._hostname)
 
     def get_run_worker_debug_info(self, run: DagsterRun, include_container_logs: bool | None = True) -> str | None:
         exit_code = self._exit_code(run.run_id)
@@ -300,47 +295,11 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         if run is None or run.is_finished:
             return False
         if self._exit_code(run_id) is not None:
-            return False  # its worker is done: the run is settled (or being settled) by its own events
+            return False  # its host is done with it: the run is settled (or being settled) by its own events
+        # The host executing the run (here or on another machine) stops it once it sees this.
         self._instance.report_run_canceling(run)
-        pid = self._local_pid(run)
-        if pid is None:
-            # Not on this host: the launcher that owns the worker signals it (see _watch_cancels).
-            return run.tags.get(HOST_TAG) not in (None, self._hostname)
-        return self._interrupt(pid)
-
-    @staticmethod
-    def _interrupt(pid: int) -> bool:
-        try:
-            # Dagster's run worker turns SIGTERM into an interrupt and records the run as canceled.
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return False
         return True
 
-    def _start_cancel_watcher(self) -> None:
-        if self._cancel_watcher is None and self.cancel_poll_interval_seconds:
-            self._cancel_watcher = threading.Thread(target=self._watch_cancels, name="warm-launcher-cancels", daemon=True)
-            self._cancel_watcher.start()
-
-    def _watch_cancels(self) -> None:
-        signalled: set[str] = set()
-        while not self._stop.wait(self.cancel_poll_interval_seconds):
-            live = {run_id: pid for z in self._owned() for run_id, pid in list(z.live.items())}
-            signalled &= set(live)
-            if not live:
-                continue
-            try:
-                canceling = self._instance.get_run_ids(
-                    RunsFilter(run_ids=list(live), statuses=[DagsterRunStatus.CANCELING])
-                )
-            except Exception:  # noqa: BLE001 - storage hiccup: try again next interval
-                logger.exception("WarmRunLauncher: could not look for canceling runs")
-                continue
-            for run_id in set(canceling) - signalled:
-                self._interrupt(live[run_id])
-                signalled.add(run_id)
-
     def dispose(self) -> None:
-        self._stop.set()
         for zygote in self._owned():
             zygote.close()

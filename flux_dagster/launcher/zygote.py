@@ -2,19 +2,26 @@
 
 Started once per code location version by the launcher (``python -m flux_dagster.launcher.zygote``),
 it imports Dagster, the storage classes and the code location, builds the instance, and then forks
-one run worker per run: a fork of an idle, single-threaded, fully imported interpreter starts in
-milliseconds and shares its memory pages with this process until it writes to them.
+run hosts (``run_host.py``): processes that each execute up to ``runs_per_host`` runs at once, one
+thread per run. A fork of an idle, single-threaded, fully imported interpreter starts in
+milliseconds and shares its memory pages with this process until it writes to them. Launches go to
+the least busy host; up to ``host_processes`` hosts share the work (one per core by default), more
+are forked only when all are full. A run whose executor starts step processes of its own
+(``process_agent``'s multiprocess executor) gets a host of its own and runs on its main thread. A host that has taken ``max_runs_per_host`` runs takes no more
+and exits once they are done (a fresh fork replaces it), so no process grows for ever. The zygote
+itself never executes runs.
 
-Each run worker executes its run exactly as ``dagster api execute_run`` does (the command Dagster's
-own container launchers start), then exits. The zygote itself never executes runs.
+Protocol with the launcher, one JSON object per line. In on stdin: first ``{"instance_ref",
+"repository_origin", "preload_modules", "pool_connections", "runs_per_host", "host_processes",
+"max_runs_per_host"}``, then ``{"launch": run_id, "job": job_name}``. Out on the original stdout: ``{"ready": true}``
+or ``{"error": text}`` once, then ``{"started": run_id, "pid"}`` per launch (the host's pid) and
+``{"exited": run_id, "pid", "returncode"}`` per run ended (the host's own exit status for the runs
+it had when it died; negative: killed by that signal). End of stdin (the launcher stopped, or its
+daemon exited): stop launching, let the runs finish within ``FLUX_SHUTDOWN_GRACE_S``, terminate the
+rest and offer their executions again (``shutdown.py``), exit.
 
-Protocol, one JSON object per line. In on stdin: first ``{"instance_ref", "repository_origin",
-"preload_modules", "pool_connections"}``, then ``{"launch": run_id}``. Out on the original stdout:
-``{"ready": true}`` or ``{"error": text}`` once, then ``{"started": run_id, "pid"}``
-per launch and ``{"exited": run_id, "pid", "returncode"}`` per run worker reaped (negative: killed
-by that signal). End of stdin (the launcher stopped, or its daemon exited): stop launching, let the
-run workers finish within ``FLUX_SHUTDOWN_GRACE_S``, terminate the rest and offer their executions
-again (``shutdown.py``), exit.
+Between the zygote and a host: run ids, one per line, on the host's stdin; ``run_id returncode``
+lines back on a pipe. End of its stdin tells a host to finish its runs and exit.
 """
 
 from __future__ import annotations
@@ -30,54 +37,97 @@ import threading
 import time
 import traceback
 
-from flux_dagster.launcher.worker_process import worker_tags
-
-# How often the zygote reaps finished run workers while no command arrives.
+# How often the zygote reaps exited hosts while nothing arrives.
 REAP_INTERVAL_S = 0.2
 
 
-def _execute_run(instance, run_id: str, pool_connections: bool) -> int:
-    """Body of the run worker: what ``dagster api execute_run`` does for one run."""
-    from dagster._core.events import EngineEventData
-    from dagster._grpc.impl import core_execute_run
-    from dagster._utils.hosted_user_process import recon_job_from_origin
-    from dagster._utils.interrupts import capture_interrupts
+class _LineReader:
+    """Complete lines from a file descriptor, read directly: a buffered reader would keep lines
+    that arrived together where select() cannot see them."""
 
-    if pool_connections:
-        # The storage's pooled mode (the one dagster-webserver turns on): a run writes ~100
-        # events, and without it dagster-postgres opens a new connection for each. No statement
-        # timeout, as in the default mode. A no-op on SQLite.
-        instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=2)
-    with capture_interrupts():
-        run = instance.get_run_by_id(run_id)
-        if run is None or run.job_code_origin is None:
-            print(f"run worker: run {run_id} not found or without a code origin", file=sys.stderr)
-            return 1
-        pid = os.getpid()
-        # Before the run can be STARTED, so that run monitoring always finds its worker.
-        instance.add_run_tags(run_id, worker_tags(pid))
-        instance.report_engine_event(
-            f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
-        )
-        failed = False
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._pending = b""
+
+    def read_lines(self) -> list[str] | None:
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            return None
+        self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        return [line.decode() for line in lines if line]
+
+
+class _Host:
+    """The zygote's handle on one run host."""
+
+    def __init__(self, pid: int, commands: int, replies: int):
+        self.pid, self.commands, self.replies = pid, commands, _LineReader(replies)
+        self.runs: set[str] = set()
+        self.taken = 0
+        self.retired = False
+
+    def send(self, run_id: str) -> None:
+        os.write(self.commands, f"{run_id}\n".encode())
+        self.runs.add(run_id)
+        self.taken += 1
+
+    def retire(self) -> None:
+        if not self.retired:
+            self.retired = True
+            os.close(self.commands)
+
+
+def _serve_host(instance, commands: int, replies: int, setup: dict, exclusive: bool) -> int:
+    """Body of a run host process: a thread per run id read from ``commands``; an exclusive host
+    executes its one run on the main thread instead."""
+    from flux_dagster.launcher.run_host import RunHost
+
+    host = RunHost(instance, pool_connections=setup.get("pool_connections", True),
+                   poll_interval_s=setup.get("cancel_poll_interval_seconds") or 1.0)
+    out = os.fdopen(replies, "w")
+    out_lock = threading.Lock()
+
+    def _run(run_id: str) -> None:
+        code = 1
         try:
-            for _ in core_execute_run(recon_job_from_origin(run.job_code_origin), run, instance, inject_env_vars=True):
-                pass
-        except BaseException:  # noqa: BLE001 - core_execute_run has written the failure to the event log
-            failed = True
+            code = host.execute(run_id)
         finally:
-            instance.report_engine_event(f"Process for run exited (pid: {pid}).", run)
-            instance.dispose()  # closes pooled connections before the worker's os._exit
-    return 1 if failed else 0
+            with out_lock:
+                out.write(f"{run_id} {code}\n")
+                out.flush()
+
+    reader = _LineReader(commands)
+    if exclusive:
+        # Dagster's own interrupt handling (SIGTERM, on the main thread) stops the run, and
+        # its executor forwards the stop to the step processes it started.
+        for run_id in reader.read_lines() or []:
+            _run(run_id)
+        host.close()
+        return 0
+    # A shutdown (the zygote's drain) or an operator's SIGTERM: every run here ends as terminated.
+    signal.signal(signal.SIGTERM, lambda *_: host.stop_all("The worker shut down."))
+    threads = []
+    while (lines := reader.read_lines()) is not None:
+        for run_id in lines:
+            thread = threading.Thread(target=_run, args=(run_id,), name=f"run-{run_id[:8]}")
+            thread.start()
+            threads.append(thread)
+        threads = [t for t in threads if t.is_alive()]
+    for thread in threads:
+        thread.join()
+    host.close()
+    return 0
 
 
 class Zygote:
     def __init__(self, commands, replies):
-        self.commands, self.replies = commands, replies
-        self.children: dict[int, str] = {}
+        self.commands, self.replies = _LineReader(commands), replies
+        self.hosts: dict[int, _Host] = {}
         self.instance = None
-        self.pool_connections = True
-        self._pending = b""
+        self.repository = None
+        self.setup: dict = {}
+        self.selector = selectors.DefaultSelector()
         self._warned_threads = False
 
     def reply(self, **message) -> None:
@@ -97,97 +147,145 @@ class Zygote:
         for module in setup.get("preload_modules") or []:
             importlib.import_module(module)
         origin = deserialize_value(setup["repository_origin"])
-        recon_repository_from_origin(origin).get_definition()
+        self.repository = recon_repository_from_origin(origin)
+        self.repository.get_definition()
         self.instance = DagsterInstance.from_ref(deserialize_value(setup["instance_ref"]))
-        self.pool_connections = setup.get("pool_connections", True)
+        # Built here, once: Dagster's per-run dictConfig would deadlock runs sharing a host
+        # (flux_dagster/instance.py).
+        self.instance.get_handlers()
+        self.setup = setup
 
-    def fork_run_worker(self, run_id: str) -> None:
+    def _setting(self, name: str, default):
+        return self.setup.get(name) or default
+
+    def _exclusive(self, job_name: str | None) -> bool:
+        """A run whose executor starts step processes of its own (``process_agent``) gets a host
+        of its own: that executor stops its steps on the main thread's interrupt only."""
+        try:
+            return self.repository.get_definition().get_job(job_name).executor_def.name != "in_process"
+        except Exception:  # noqa: BLE001 - unknown here: the run's own execution reports it
+            return True
+
+    def fork_host(self, exclusive: bool = False) -> _Host:
         if threading.active_count() > 1 and not self._warned_threads:
             self._warned_threads = True
-            print("run zygote: a thread is running; forking anyway, but run workers may hang", file=sys.stderr)
-        # Without this, the run worker's first full collection walks (and so copies) every object
-        # it shares with the zygote: ~100 MB private per worker instead of ~35 MB (bench/).
+            print("run zygote: a thread is running; forking anyway, but run hosts may hang", file=sys.stderr)
+        # Without this, the host's first full collection walks (and so copies) every object it
+        # shares with the zygote.
         gc.freeze()
+        commands_r, commands_w = os.pipe()
+        replies_r, replies_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                os.setsid()  # its own process group: a signal for the run reaches its subprocesses
-                os.close(self.commands)
+                os.setsid()  # its own process group: a signal for the host reaches its subprocesses
+                os.close(commands_w)
+                os.close(replies_r)
+                os.close(self.commands.fd)
+                for other in self.hosts.values():  # else a host would never see the end of its stdin
+                    if not other.retired:
+                        os.close(other.commands)
+                    os.close(other.replies.fd)
                 self.replies.close()
-                code = _execute_run(self.instance, run_id, self.pool_connections)
+                code = _serve_host(self.instance, commands_r, replies_w, self.setup, exclusive)
             except BaseException:  # noqa: BLE001 - report anything, then leave without the zygote's cleanup
                 traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        self.children[pid] = run_id
-        self.reply(started=run_id, pid=pid)
+        os.close(commands_r)
+        os.close(replies_w)
+        host = _Host(pid, commands_w, replies_r)
+        self.hosts[pid] = host
+        self.selector.register(replies_r, selectors.EVENT_READ, host)
+        return host
 
-    def reap(self, block: bool = False) -> None:
-        while self.children:
+    def host_for_launch(self) -> _Host:
+        open_hosts = [h for h in self.hosts.values() if not h.retired]
+        free = [h for h in open_hosts if len(h.runs) < self._setting("runs_per_host", 100)]
+        spread = len(open_hosts) < self._setting("host_processes", os.cpu_count() or 1)
+        if not free or (spread and all(h.runs for h in free)):
+            return self.fork_host()
+        return min(free, key=lambda h: len(h.runs))
+
+    def launch(self, run_id: str, job_name: str | None) -> None:
+        exclusive = self._exclusive(job_name)
+        while True:
+            host = self.fork_host(exclusive=True) if exclusive else self.host_for_launch()
             try:
-                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                return
-            if pid == 0:
-                return
-            run_id = self.children.pop(pid, None)
-            if run_id is not None:
-                self.reply(exited=run_id, pid=pid, returncode=os.waitstatus_to_exitcode(status))
+                host.send(run_id)
+                break
+            except OSError:  # it died just now: its exit is reported as it is reaped; use another
+                host.retire()
+        if exclusive or host.taken >= self._setting("max_runs_per_host", 1000):
+            host.retire()  # it exits once its runs are done
+        self.reply(started=run_id, pid=host.pid)
 
-    def read_lines(self) -> list[str] | None:
-        """The complete lines available on stdin, None at its end. Reads the fd directly: a
-        buffered reader would keep lines that arrived together where select() cannot see them."""
-        chunk = os.read(self.commands, 65536)
-        if not chunk:
-            return None
-        self._pending += chunk
-        *lines, self._pending = self._pending.split(b"\n")
-        return [line.decode() for line in lines if line]
+    def host_replied(self, host: _Host) -> None:
+        lines = host.replies.read_lines()
+        if lines is None:  # the host exited (or died): whatever it still had ends with it
+            self.selector.unregister(host.replies.fd)
+            os.close(host.replies.fd)
+            _, status = os.waitpid(host.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            for run_id in sorted(host.runs):
+                self.reply(exited=run_id, pid=host.pid, returncode=code if code else 1)
+            if not host.retired:
+                host.retire()
+            del self.hosts[host.pid]
+            return
+        for line in lines:
+            run_id, _, code = line.partition(" ")
+            host.runs.discard(run_id)
+            self.reply(exited=run_id, pid=host.pid, returncode=int(code or 1))
 
     def serve(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self.commands, selectors.EVENT_READ)
+        self.selector.register(self.commands.fd, selectors.EVENT_READ, None)
         while True:
-            if selector.select(REAP_INTERVAL_S):
-                lines = self.read_lines()
+            for key, _ in self.selector.select(REAP_INTERVAL_S):
+                if key.data is not None:
+                    self.host_replied(key.data)
+                    continue
+                lines = self.commands.read_lines()
                 if lines is None:
-                    break
+                    self.selector.unregister(self.commands.fd)
+                    self.drain()
+                    return
                 for line in lines:
-                    self.fork_run_worker(json.loads(line)["launch"])
-            self.reap()
-        self.drain()
+                    message = json.loads(line)
+                    self.launch(message["launch"], message.get("job"))
+
+    def _wait_hosts(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.hosts and time.monotonic() < deadline:
+            for key, _ in self.selector.select(REAP_INTERVAL_S):
+                self.host_replied(key.data)
 
     def drain(self) -> None:
         """Shutdown: wait for the runs in flight, up to the grace period; then terminate them and
         offer their executions again, so none is left ``running``."""
         from flux_dagster.launcher.shutdown import TERMINATE_WAIT_S, offer_again, report_canceling, shutdown_grace_s
 
-        deadline = time.monotonic() + shutdown_grace_s()
-        while self.children and time.monotonic() < deadline:
-            time.sleep(REAP_INTERVAL_S)
-            self.reap()
-        if not self.children:
+        for host in self.hosts.values():
+            host.retire()
+        self._wait_hosts(shutdown_grace_s())
+        interrupted = [run_id for host in self.hosts.values() for run_id in host.runs]
+        if not self.hosts:
             return
-        interrupted = dict(self.children)
-        report_canceling(self.instance, list(interrupted.values()))  # as a termination from the UI
-        for pid in interrupted:
-            _signal_group(pid, signal.SIGTERM)  # the run worker ends the run as canceled
-        deadline = time.monotonic() + TERMINATE_WAIT_S
-        while self.children and time.monotonic() < deadline:
-            time.sleep(REAP_INTERVAL_S)
-            self.reap()
-        for pid in self.children:
+        report_canceling(self.instance, interrupted)  # as a termination from the UI
+        for pid in list(self.hosts):
+            _signal_group(pid, signal.SIGTERM)  # the host stops every run as terminated
+        self._wait_hosts(TERMINATE_WAIT_S)
+        for pid in list(self.hosts):
             _signal_group(pid, signal.SIGKILL)
-        self.reap(block=True)
-        offer_again(self.instance, list(interrupted.values()))
+        self._wait_hosts(TERMINATE_WAIT_S)
+        offer_again(self.instance, interrupted)
 
 
 def _signal_group(pid: int, signum: int) -> None:
-    """The run worker leads its own process group (``setsid``): its subprocesses go with it."""
+    """A run host leads its own process group (``setsid``): its subprocesses go with it."""
     try:
         os.killpg(pid, signum)
     except ProcessLookupError:
@@ -208,7 +306,7 @@ def main() -> None:
     try:
         lines = None
         while not lines:
-            lines = zygote.read_lines()
+            lines = zygote.commands.read_lines()
             if lines is None:
                 raise SystemExit(0)
         zygote.load(json.loads(lines[0]))

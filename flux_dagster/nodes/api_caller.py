@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from flux_dagster import interrupts
 from flux_dagster.errors import ExecutionTimeoutError, ProviderError, UserConfigError
 from flux_dagster.execution import NodeOutcome, NodeTask, merge_node_data, persist_node_success
 from flux_dagster.nodes.fields import Sessions, as_text, edge_value
@@ -329,7 +330,7 @@ def apply_output_filter(text: str, output_filter: Any) -> tuple[str, Any]:
 # ----- the node ------------------------------------------------------------------------------
 
 
-def run_api_caller(sessions: Sessions, task: NodeTask, *, sleep: Callable[[float], None] = time.sleep,
+def run_api_caller(sessions: Sessions, task: NodeTask, *, sleep: Callable[[float], None] = interrupts.sleep,
                    clock: Callable[[], float] = time.monotonic) -> NodeOutcome:
     request = build_request(task.data)
     polling = Polling.from_data(task.data)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
+from flux_dagster import interrupts
 from flux_dagster.errors import UserConfigError
 from flux_dagster.execution import NodeOutcome, NodeTask, persist_node_success
 from flux_dagster.nodes.fields import Sessions
@@ -53,7 +53,7 @@ def next_text(data: dict[str, Any]) -> str:
     return str(as_number(value))
 
 
-def run_counter(sessions: Sessions, task: NodeTask, *, sleep=time.sleep) -> NodeOutcome:
+def run_counter(sessions: Sessions, task: NodeTask, *, sleep=interrupts.sleep) -> NodeOutcome:
     if mode_of(task.data) == "wait":
         sleep(wait_seconds(task.data))
     text = next_text(task.data)

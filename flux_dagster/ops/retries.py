@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ from dagster import (
 from dagster._core.errors import DagsterExecutionInterruptedError
 
 from flux_dagster.errors import ExecutionCancelled, ExecutionTimeoutError, FluxError, classify
+from flux_dagster.interrupts import interruptible, raise_after
 
 CANCELLED_MESSAGE = "The execution was cancelled."
 
@@ -106,28 +105,16 @@ ATTEMPT_BOUND_S = 120.0
 
 @contextmanager
 def deadline(op_name: str) -> Iterator[None]:
-    """The op's start-to-close timeout, on the run worker's main thread (SIGALRM; any timer that
-    was set before, e.g. a test runner's, is restored with its remaining time)."""
+    """The op's start-to-close timeout (``interrupts.raise_after``: on the run's own thread)."""
     seconds = OP_DEADLINES_S.get(op_name, DEFAULT_DEADLINE_S)
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def _expired(signum, frame):
+    def _expired() -> ExecutionTimeoutError:
         error = ExecutionTimeoutError(f"The step {op_name} did not finish within {seconds:g} s.")
         error.retryable = op_name not in NOT_RETRIED_ON_DEADLINE
-        raise error
+        return error
 
-    started = time.monotonic()
-    previous_handler = signal.signal(signal.SIGALRM, _expired)
-    previous_delay, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
+    with raise_after(seconds, _expired):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous_handler)
-        if previous_delay:
-            signal.setitimer(signal.ITIMER_REAL, max(previous_delay - (time.monotonic() - started), 0.001))
 
 
 def retry_delay(policy: RetryPolicy, retry_number: int, error: FluxError | None = None) -> float:
@@ -194,7 +181,8 @@ def node_errors() -> Iterator[None]:
         if context is None:
             yield
         else:
-            with deadline(context.op_def.name):
+            # A termination of this run (run hosts: raised in this run's thread) or the deadline.
+            with interruptible(), deadline(context.op_def.name):
                 yield
     except DagsterExecutionInterruptedError as exc:
         # A terminated run: Dagster would retry an interrupted step that has a RetryPolicy.

@@ -1,9 +1,10 @@
 """A small code location for the run launcher tests: a quick job, and a slow one to kill or
 terminate mid-run."""
 
-import time
-
 from dagster import Definitions, in_process_executor, job, op
+
+from flux_dagster import interrupts
+from flux_dagster.interrupts import interruptible
 
 
 @op
@@ -23,9 +24,8 @@ def quick_job():
 
 @op
 def wait_a_minute() -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    with interruptible():  # as a node's body is (ops.retries.node_errors)
+        interrupts.sleep(60)
 
 
 @job(executor_def=in_process_executor)

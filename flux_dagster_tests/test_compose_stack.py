@@ -393,7 +393,7 @@ def test_every_node_type_runs_and_history_files_and_rows_survive_a_restart(stack
     assert stack.python(FILES, service="flux_dagster_daemon") == files_before
     runs_after = stack.graphql(RUNS)["data"]["runsOrError"]["results"]
     assert sorted(r["runId"] for r in runs_after) == sorted(r["runId"] for r in runs_before)
-    # The compute logs (run storage volume) are still there for the UI.
+    # The event logs (Postgres volume) are still there for the UI.
     run_id = runs_after[0]["runId"]
     logs = stack.graphql(f'{{ logsForRun(runId: "{run_id}") {{ ... on EventConnection {{ events {{ __typename }} }} }} }}')
     assert len(logs["data"]["logsForRun"]["events"]) > 10

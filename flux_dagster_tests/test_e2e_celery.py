@@ -1,8 +1,14 @@
-"""Runs on several hosts through Celery (docs/multi-host.md): a real daemon and code server whose
-dagster.yaml launches with ``CeleryRunLauncher`` on the machine's RabbitMQ, and two
-``flux-dagster run-worker`` processes standing for two worker hosts. One is SIGKILLed in the
-middle of a burst; every execution still completes, charged once, the killed host's runs
-re-executed on the other as Dagster run retries."""
+"""Runs on several hosts through Celery (docs/multi-host.md), on the machine's RabbitMQ with a
+queue of each test's own.
+
+- Against a small code location and a real ``flux-dagster run-worker`` (SQLite storage): runs
+  execute on the worker's threads with their whole event log; termination of a run in flight, of
+  a multiprocess-executor run (in a process of its own) and of a run no worker took yet; a second
+  delivery of a task does not execute its run again.
+- End to end: a real daemon and code server whose dagster.yaml launches with
+  ``CeleryRunLauncher``, and two run workers standing for two hosts. One is SIGKILLed in the
+  middle of a burst; every execution still completes, charged once, the killed host's runs
+  re-executed on the other as Dagster run retries."""
 
 from __future__ import annotations
 
@@ -11,19 +17,28 @@ import signal
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 from sqlalchemy import create_engine, func, select, text
 
-from flux_dagster import demo, queue
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, Definitions, job, multiprocess_executor, op
+from dagster._core.launcher import WorkerStatus
+from dagster._core.test_utils import create_run_for_test, poll_for_finished_run
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import ModuleTarget
+
+from flux_dagster import demo, interrupts, queue
 from flux_dagster.db.engine import create_schema, get_engine, normalize_url, session_scope
 from flux_dagster.db.models import Flow, FlowNode, TokenLedgerEntry
+from flux_dagster.interrupts import interruptible
+from flux_dagster.launcher.celery_launcher import TASK_NAME, CeleryRunLauncher
+from flux_dagster.launcher.worker_process import PID_TAG
 from flux_dagster_tests.deployment import BIN, REPO, Deployment, postgres_database, wait_terminal
+from flux_dagster_tests.fakes.code_location import quick_job, slow_job
 from flux_dagster_tests.faults.harness import dagster_runs
-
-pytestmark = pytest.mark.e2e
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BURST = 30
@@ -31,41 +46,50 @@ CONCURRENCY = 8  # per worker: the burst is more than both hold, so some of it w
 IN_PROGRESS = ("NOT_STARTED", "QUEUED", "STARTING", "STARTED", "CANCELING")
 
 
-@pytest.fixture
-def run_queue():
-    """A queue (and its exchange) of this test's own on the shared broker, deleted afterwards."""
+@contextmanager
+def own_queue():
+    """A queue (and its exchange) of the test's own on the shared broker, deleted afterwards."""
     from kombu import Connection
 
     name = f"flux-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    with Connection(BROKER_URL) as connection:
-        connection.default_channel.queue_delete(name)
-        connection.default_channel.exchange_delete(name)
+    try:
+        yield name
+    finally:
+        with Connection(BROKER_URL) as connection:
+            connection.default_channel.queue_delete(name)
+            connection.default_channel.exchange_delete(name)
 
 
-def use_celery_launcher(deployment: Deployment, run_queue: str) -> None:
-    path = Path(deployment.env["DAGSTER_HOME"]) / "dagster.yaml"
-    config = yaml.safe_load(path.read_text())
-    config["run_launcher"] = {
+@pytest.fixture
+def run_queue():
+    with own_queue() as name:
+        yield name
+
+
+def use_celery_launcher(home: Path, run_queue: str, **config) -> None:
+    """``home``'s dagster.yaml launches with ``CeleryRunLauncher`` on ``run_queue``."""
+    path = home / "dagster.yaml"
+    instance_config = yaml.safe_load(path.read_text()) if path.exists() else {}
+    instance_config["run_launcher"] = {
         "module": "flux_dagster.launcher.celery_launcher", "class": "CeleryRunLauncher",
-        "config": {"broker_url": BROKER_URL, "queue": run_queue},
+        "config": {"broker_url": BROKER_URL, "queue": run_queue, **config},
     }
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(instance_config))
 
 
 class Worker:
     """One ``flux-dagster run-worker`` process: a worker host."""
 
-    def __init__(self, deployment: Deployment, name: str):
-        self.log_path = deployment.tmp_path / f"{name}.log"
-        self._log = open(self.log_path, "w")
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [BIN / "flux-dagster", "run-worker", "--concurrency", str(CONCURRENCY)],
-            env=deployment.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            [BIN / "flux-dagster", "run-worker", "--concurrency", str(concurrency)],
+            env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.pid = self.process.pid
 
-    def wait_ready(self, timeout_s: float = 120) -> None:
+    def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
         while "ready." not in self.log_path.read_text():
             assert self.process.poll() is None and time.monotonic() < deadline, self.log_path.read_text()[-3000:]
@@ -80,6 +104,144 @@ class Worker:
                 self.process.kill()
                 self.process.wait(10)
         self._log.close()
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (found := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return found
+
+
+# ----- one worker, a small code location ---------------------------------------------------------
+
+
+@op
+def wait_in_steps() -> None:
+    """A minute, in short sleeps: a step process of the multiprocess executor stops between them."""
+    with interruptible():
+        for _ in range(120):
+            interrupts.sleep(0.5)
+
+
+@job(executor_def=multiprocess_executor)
+def slow_job_in_processes():
+    wait_in_steps()
+
+
+defs = Definitions(jobs=[quick_job, slow_job, slow_job_in_processes])
+LOCATION = "celery_test"
+
+
+@pytest.fixture(scope="module")
+def celery_instance(tmp_path_factory):
+    """An instance (SQLite) launching with CeleryRunLauncher on a queue of its own, one run worker
+    serving it, and a workspace on a real gRPC code server for this module's ``defs``."""
+    home = tmp_path_factory.mktemp("celery_home")
+    deployed = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    # As deployed: the instance class and compute logs that run hosts need.
+    (home / "dagster.yaml").write_text(yaml.safe_dump({key: deployed[key] for key in ("instance_class", "compute_logs")}
+                                                      | {"telemetry": {"enabled": False}}))
+    with own_queue() as run_queue:
+        use_celery_launcher(home, run_queue, cancel_poll_interval_seconds=0.2, preload_modules=[__name__])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PG")} | {"DAGSTER_HOME": str(home)}
+        worker = Worker(env, home / "worker.log", concurrency=4)
+        try:
+            instance = DagsterInstance.from_config(str(home))
+            target = ModuleTarget(module_name=__name__, attribute="defs", working_directory=str(REPO),
+                                  location_name=LOCATION)
+            with instance, WorkspaceProcessContext(instance, target) as process_context:
+                worker.wait_ready()
+                yield instance, process_context, worker
+        finally:
+            worker.stop()
+
+
+def new_run(celery_instance, job_name: str):
+    instance, process_context, _ = celery_instance
+    workspace = process_context.create_request_context()
+    remote_job = workspace.get_code_location(LOCATION).get_repository("__repository__").get_full_job(job_name)
+    return create_run_for_test(instance, job_name=job_name, remote_job_origin=remote_job.get_remote_origin(),
+                               job_code_origin=remote_job.get_python_origin())
+
+
+def launch(celery_instance, job_name: str):
+    instance, process_context, _ = celery_instance
+    run = new_run(celery_instance, job_name)
+    instance.launch_run(run.run_id, process_context.create_request_context())
+    return run
+
+
+def started(instance, run_id: str):
+    return wait_for(lambda: (r := instance.get_run_by_id(run_id)).status == DagsterRunStatus.STARTED and r,
+                    120, f"run {run_id} to start")
+
+
+def messages(instance, run_id: str) -> list[str]:
+    return [e.message for e in instance.all_logs(run_id)]
+
+
+def test_runs_execute_on_the_worker_with_their_whole_event_log(celery_instance):
+    instance, _, worker = celery_instance
+    launcher = instance.run_launcher
+    assert isinstance(launcher, CeleryRunLauncher) and launcher.supports_check_run_worker_health
+    runs = [launch(celery_instance, "quick_job") for _ in range(2)]
+    for run in runs:
+        finished = poll_for_finished_run(instance, run.run_id, timeout=120)
+        assert finished.status == DagsterRunStatus.SUCCESS
+        types = [e.dagster_event.event_type for e in instance.all_logs(run.run_id) if e.dagster_event]
+        assert types.count(DagsterEventType.STEP_SUCCESS) == 2 and DagsterEventType.RUN_SUCCESS in types
+        assert finished.tags[PID_TAG] == str(worker.pid)  # on the worker's own threads
+        assert any(m.startswith(f"Sent to Celery queue {launcher.queue}") for m in messages(instance, run.run_id))
+
+
+def test_runs_in_flight_are_terminated_one_by_one(celery_instance):
+    instance, _, worker = celery_instance
+    launcher = instance.run_launcher
+    runs = [started(instance, launch(celery_instance, "slow_job").run_id) for _ in range(2)]
+    assert {r.tags[PID_TAG] for r in runs} == {str(worker.pid)}
+    assert launcher.check_run_worker_health(runs[0]).status == WorkerStatus.RUNNING
+    assert launcher.terminate(runs[0].run_id)
+    assert poll_for_finished_run(instance, runs[0].run_id, timeout=60).status == DagsterRunStatus.CANCELED
+    assert instance.get_run_by_id(runs[1].run_id).status == DagsterRunStatus.STARTED
+    assert launcher.terminate(runs[1].run_id)
+    assert poll_for_finished_run(instance, runs[1].run_id, timeout=60).status == DagsterRunStatus.CANCELED
+    assert not launcher.terminate(runs[1].run_id)  # already finished
+
+
+def test_a_multiprocess_run_has_a_process_of_its_own_and_is_terminated(celery_instance):
+    """As ``process_agent``: its executor stops its step processes on the main thread's interrupt."""
+    instance, _, worker = celery_instance
+    run = started(instance, launch(celery_instance, "slow_job_in_processes").run_id)
+    wait_for(lambda: any("Started execution of step" in (m or "") for m in messages(instance, run.run_id)), 120,
+             "the step to start")
+    assert run.tags[PID_TAG] != str(worker.pid)
+    assert instance.run_launcher.terminate(run.run_id)
+    assert poll_for_finished_run(instance, run.run_id, timeout=120).status == DagsterRunStatus.CANCELED
+
+
+def test_a_second_delivery_does_not_execute_the_run_again(celery_instance):
+    instance, _, _ = celery_instance
+    run = poll_for_finished_run(instance, launch(celery_instance, "quick_job").run_id, timeout=120)
+    instance.run_launcher.app.send_task(TASK_NAME, args=[run.run_id])  # as the broker redelivers it
+    wait_for(lambda: any("got this run's task again" in (m or "") for m in messages(instance, run.run_id)), 60,
+             "the worker to take the task again")
+    events = instance.all_logs(run.run_id)
+    assert [e.dagster_event.event_type for e in events if e.dagster_event].count(DagsterEventType.RUN_START) == 1
+    assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.SUCCESS
+
+
+def test_a_run_terminated_before_a_worker_took_it_ends_canceled(celery_instance):
+    instance, process_context, _ = celery_instance
+    run = new_run(celery_instance, "slow_job")
+    assert instance.run_launcher.terminate(run.run_id)  # still NOT_STARTED: no host watches it
+    instance.run_launcher.app.send_task(TASK_NAME, args=[run.run_id])
+    assert poll_for_finished_run(instance, run.run_id, timeout=60).status == DagsterRunStatus.CANCELED
+    assert "Terminated before a run worker started it." in messages(instance, run.run_id)
+
+
+# ----- end to end: two worker hosts, one killed mid-burst ----------------------------------------
 
 
 def add_nodes(app_url: str, n: int) -> tuple[str, list[str]]:
@@ -102,15 +264,8 @@ def runs_logging(engine, needle: str) -> set[str]:
                                 {"n": f"%{needle}%"}))
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (found := predicate()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-    return found
-
-
-@pytest.mark.timeout(600)  # bounded waits inside; a loaded machine is slow, not wrong
+@pytest.mark.e2e
+@pytest.mark.timeout(900)  # bounded waits inside; a loaded machine is slow, not wrong
 def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, fake_llm, fake_main_api, run_queue):
     with postgres_database() as app_url, postgres_database() as dagster_url:
         create_schema(app_url)
@@ -120,12 +275,13 @@ def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, f
         env_extra = {"DAGSTER_PG_URL": dagster_url, "OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": f"{fake_llm.url}/v1",
                      "URL_MAIN_API": fake_main_api.url, "INTERNAL_API_KEY": fake_main_api.api_key}
         deployment = Deployment(tmp_path, app_url, env_extra)
-        use_celery_launcher(deployment, run_queue)
+        use_celery_launcher(Path(deployment.env["DAGSTER_HOME"]), run_queue,
+                            preload_modules=["flux_dagster.definitions", "openai", "anthropic"])
         dagster = create_engine(normalize_url(dagster_url))
         workers: list[Worker] = []
         t0 = time.monotonic()
         try:
-            workers = [Worker(deployment, "worker-a"), Worker(deployment, "worker-b")]
+            workers = [Worker(deployment.env, tmp_path / f"worker-{name}.log", CONCURRENCY) for name in "ab"]
             deployment.start()
             for worker in workers:
                 worker.wait_ready()
@@ -183,7 +339,6 @@ def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, f
     assert sorted(r.pending_id for r in runs if r.parent_run_id is None) == sorted(str(i) for i in ids)
     assert killed, "no run was cut short by the kill"
     by_parent = {r.parent_run_id: r for r in retries}
-    assert {r.run_id for r in runs if r.worker_pid == doomed.pid} == {r.run_id for r in killed}
     for run in killed:
         assert run.status == "FAILURE", run
         retry = by_parent.get(run.run_id)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dagster import Field, StringSource
+from dagster import Array, Field, StringSource
 from dagster._core.events import EngineEventData
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher
 from dagster._core.storage.dagster_run import DagsterRun
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 TASK_NAME = "flux_dagster.execute_run"
 DEFAULT_QUEUE = "flux-dagster-runs"
+DEFAULT_PRELOAD = ["flux_dagster.definitions"]
 
 
 def celery_app(broker_url: str, queue: str):
@@ -71,10 +72,12 @@ class CeleryRunLauncher(RunLauncher, ConfigurableClass):
     """Sends each run to a Celery queue served by ``flux-dagster run-worker`` (see module doc)."""
 
     def __init__(self, inst_data: ConfigurableClassData | None = None, broker_url: str = "",
-                 queue: str = DEFAULT_QUEUE, cancel_poll_interval_seconds: float = 1.0):
+                 queue: str = DEFAULT_QUEUE, preload_modules: Sequence[str] | None = None,
+                 cancel_poll_interval_seconds: float = 1.0):
         self._inst_data = inst_data
         self.broker_url = broker_url
         self.queue = queue
+        self.preload_modules = list(DEFAULT_PRELOAD if preload_modules is None else preload_modules)
         self.cancel_poll_interval_seconds = cancel_poll_interval_seconds
         self._app = None
         self._app_lock = threading.Lock()
@@ -95,6 +98,10 @@ class CeleryRunLauncher(RunLauncher, ConfigurableClass):
             "queue": Field(
                 StringSource, is_required=False, default_value=DEFAULT_QUEUE,
                 description="The broker queue the runs go to and the workers consume.",
+            ),
+            "preload_modules": Field(
+                Array(StringSource), is_required=False, default_value=DEFAULT_PRELOAD,
+                description="Modules a worker imports before taking runs: the code location, LLM SDKs.",
             ),
             "cancel_poll_interval_seconds": Field(
                 float, is_required=False, default_value=1.0,

@@ -19,7 +19,6 @@ its main thread), so terminating it stops its step processes as under ``dagster 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -35,7 +34,6 @@ from flux_dagster.launcher.worker_process import PID_TAG
 
 logger = logging.getLogger(__name__)
 
-CODE_LOCATION_MODULE = "flux_dagster.definitions"
 _host: RunHost | None = None  # this worker process's run host, built before the first task
 
 
@@ -60,18 +58,20 @@ def not_to_execute(instance, run: DagsterRun | None) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
-def _executor_name(job_origin) -> str:
-    from dagster._utils.hosted_user_process import recon_job_from_origin
-
-    return recon_job_from_origin(job_origin).get_definition().executor_def.name
+_executors: dict[str, str] = {}  # a job's code origin -> its executor's name
 
 
 def _needs_own_process(run: DagsterRun) -> bool:
-    try:
-        return _executor_name(run.job_code_origin) != "in_process"
-    except Exception:  # noqa: BLE001 - cannot load it here: the run's own execution reports why
-        return False
+    from dagster._serdes import serialize_value
+    from dagster._utils.hosted_user_process import recon_job_from_origin
+
+    key = serialize_value(run.job_code_origin)
+    if key not in _executors:
+        try:
+            _executors[key] = recon_job_from_origin(run.job_code_origin).get_definition().executor_def.name
+        except Exception:  # noqa: BLE001 - cannot load it here: the run's own execution reports why
+            return False
+    return _executors[key] != "in_process"
 
 
 def _execute_in_own_process(run_id: str) -> int:
@@ -123,7 +123,8 @@ def run_worker(concurrency: int, loglevel: str = "INFO") -> int:
 
     instance = DagsterInstance.get()
     launcher = _celery_launcher(instance)
-    importlib.import_module(CODE_LOCATION_MODULE).defs.get_repository_def()  # once, before any run
+    for module in launcher.preload_modules:  # once, before any run: no run pays the imports
+        importlib.import_module(module)
     # Built once: Dagster's per-run dictConfig would deadlock runs sharing a process
     # (flux_dagster/instance.py).
     instance.get_handlers()

@@ -265,6 +265,7 @@ def runs_logging(engine, needle: str) -> set[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.multihost
 @pytest.mark.timeout(900)  # bounded waits inside; a loaded machine is slow, not wrong
 def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, fake_llm, fake_main_api, run_queue):
     with postgres_database() as app_url, postgres_database() as dagster_url:

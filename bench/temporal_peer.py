@@ -358,8 +358,8 @@ LATENCIES = {"50ms": 0.05, "2s": 2.0, "10s": 10.0}
 APPLICATION_NAME = "flux-temporal-peer"  # the worker's Postgres connections, in pg_stat_activity
 
 
-def run_peer(*, burst: int = 200, sequential: int = 10, latencies: dict[str, float] = LATENCIES,
-             drain_bound_s: float = 900.0) -> dict[str, Any]:
+def run_peer(*, quick: bool = False, burst: int | None = None, sequential: int | None = None,
+             latencies: dict[str, float] = LATENCIES, drain_bound_s: float = 900.0) -> dict[str, Any]:
     """Start the peer (dev server + one worker) on a fresh app database on the machine's
     Postgres, against the loopback OpenAI server, and measure it:
 
@@ -368,12 +368,16 @@ def run_peer(*, burst: int = 200, sequential: int = 10, latencies: dict[str, flo
     - peaks over the bursts: executions in flight (LLM requests open at once), the worker's
       Postgres connections, the sum of PSS of server + worker, and that sum's growth per
       execution in flight (the 10 s burst against the idle worker);
-    - ``sequential`` executions one after the other at 50 ms: start → completed, p50.
+    - ``sequential`` executions one after the other at 50 ms, 0.5–2 s apart: insert → completed, p50.
 
-    An execution starts as with the original main API: the ``pending_executions`` row is
-    inserted, then one workflow per row, its id the row's; completed = the row says so."""
+    ``quick``: bursts of 50 and 5 sequential executions (else 200 and 12), as ``bench/peer.py``
+    measures flux-dagster. An execution starts as with the original main API: the
+    ``pending_executions`` row is inserted, then one workflow per row, its id the row's;
+    completed = the row says so."""
     import asyncio
 
+    burst = burst or (50 if quick else 200)
+    sequential = sequential or (5 if quick else 12)
     return asyncio.run(_measure(temporal_cli(), burst, sequential, latencies, drain_bound_s))
 
 
@@ -446,9 +450,12 @@ class _Peaks:
 
         while not self._stop.wait(self.interval_s):
             self.pss_mb = max(self.pss_mb, self.pss_now())
-            with self.admin.connect() as conn:
-                count = conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
-                                    {"name": APPLICATION_NAME})
+            try:
+                with self.admin.connect() as conn:
+                    count = conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+                                        {"name": APPLICATION_NAME})
+            except Exception:  # noqa: BLE001 - a missed sample only, not a stopped sampler
+                continue
             self.pg_connections = max(self.pg_connections, count)
 
     def reset(self) -> None:
@@ -508,9 +515,13 @@ async def _measure(cli: str, burst: int, sequential: int, latencies: dict[str, f
 
 
 async def measure(client, app_url: str, llm, roots: list, pg_roots: list, pg_admin_url: str, *, burst: int,
-                  sequential: int, latencies: dict[str, float], drain_bound_s: float) -> dict[str, Any]:
+                  sequential: int, latencies: dict[str, float], drain_bound_s: float,
+                  gap_s: tuple[float, float] = (0.5, 2.0)) -> dict[str, Any]:
     """``run_peer``'s figures, over a running deployment: ``client`` starts its workflows,
-    ``roots`` are its processes, ``pg_roots`` the Postgres server's, ``llm`` an ``_in_flight_llm``."""
+    ``roots`` are its processes, ``pg_roots`` the Postgres server's, ``llm`` an ``_in_flight_llm``;
+    ``gap_s``: the random pause before each sequential execution."""
+    import asyncio
+    import random
     import statistics
     import time
 
@@ -522,11 +533,11 @@ async def measure(client, app_url: str, llm, roots: list, pg_roots: list, pg_adm
         llm.latency_s = 0.05
         await bench.execute(1, 120)  # warm-up: imports, first connections
         idle_pss = peaks.pss_now()
-        samples = []
+        samples, rng = [], random.Random(12)
         for _ in range(sequential):
-            started = time.time()
+            await asyncio.sleep(rng.uniform(*gap_s))
             [row] = await bench.execute(1, 60)
-            samples.append(_epoch(row.finished_at) - started)
+            samples.append(_epoch(row.finished_at) - _epoch(row.created_at))
 
         cpu, drain, in_flight, pss, pg_connections = {}, {}, {}, {}, {}
         for label, latency in latencies.items():
@@ -661,13 +672,12 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--target", required=True, help="the dev server, host:port")
     worker.add_argument("--task-queue", default=TASK_QUEUE)
     run = commands.add_parser("run", help="start the peer, measure it, print the figures as JSON")
-    run.add_argument("--burst", type=int, default=200)
-    run.add_argument("--sequential", type=int, default=10)
+    run.add_argument("--quick", action="store_true", help="bursts of 50, 5 sequential executions")
     args = parser.parse_args(argv)
     if args.command == "worker":
         asyncio.run(serve(args.target, args.task_queue))
     else:
-        print(json.dumps(run_peer(burst=args.burst, sequential=args.sequential), indent=2))
+        print(json.dumps(run_peer(quick=args.quick), indent=2))
 
 
 if __name__ == "__main__":

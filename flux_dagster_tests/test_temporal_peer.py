@@ -13,6 +13,7 @@ import threading
 import json
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -70,10 +71,11 @@ def run_activity(activities: peer.PeerActivities, method, *args, attempt: int = 
     return None if defn.ret_type is type(None) else carried([result], [defn.ret_type])[0]
 
 
-def in_process_executor(activities: peer.PeerActivities, calls: list[str]):
+def in_process_executor(activities: peer.PeerActivities, calls: list[str], retry_delays: list | None = None):
     """``workflow.execute_activity_method`` without a server: each attempt in an ActivityEnvironment,
-    retried as the retry policy says (without the waits), a final failure handed to the workflow
-    as the ActivityError a server would (its cause through the failure converter)."""
+    retried as the retry policy says (without the waits; the delays asked for go to
+    ``retry_delays``), a final failure handed to the workflow as the ActivityError a server would
+    (its cause through the failure converter)."""
 
     async def execute(method, *, args, start_to_close_timeout, retry_policy):
         assert start_to_close_timeout.total_seconds() == peer.STEPS[method.__name__].deadline_s
@@ -83,6 +85,8 @@ def in_process_executor(activities: peer.PeerActivities, calls: list[str]):
                 return run_activity(activities, method, *args, attempt=attempt)
             except ApplicationError as exc:
                 if not exc.non_retryable and attempt < retry_policy.maximum_attempts:
+                    if retry_delays is not None:
+                        retry_delays.append(exc.next_retry_delay)
                     continue
                 failure = Failure()
                 await CONVERTER.encode_failure(exc, failure)
@@ -94,9 +98,10 @@ def in_process_executor(activities: peer.PeerActivities, calls: list[str]):
     return execute
 
 
-def run_workflow(services, request, monkeypatch) -> tuple[str, list[str]]:
+def run_workflow(services, request, monkeypatch, retry_delays: list | None = None) -> tuple[str, list[str]]:
     calls: list[str] = []
-    monkeypatch.setattr(workflow, "execute_activity_method", in_process_executor(peer.PeerActivities(services), calls))
+    monkeypatch.setattr(workflow, "execute_activity_method",
+                        in_process_executor(peer.PeerActivities(services), calls, retry_delays))
     [request] = carried([request], [peer.ExecutionRequest])
     return asyncio.run(peer.ProcessSingleNode().run(request)), calls
 
@@ -134,9 +139,12 @@ def test_each_activity_completes_the_demo_node_and_charges_once(services, fake_l
 
 def test_the_workflow_runs_the_text_generator_path_with_retries(services, fake_llm, monkeypatch):
     fake_llm.failures = [500, 429]  # retryable: two attempts of text_generator fail, the third answers
+    fake_llm.retry_after = "3"
     request = enqueue(services.database_url)
-    result, calls = run_workflow(services, request, monkeypatch)
+    delays: list = []
+    result, calls = run_workflow(services, request, monkeypatch, delays)
     assert result == "completed"
+    assert delays == [timedelta(seconds=3)] * 2  # the provider's Retry-After, as the next retry's delay
     assert calls == ["notify_status_pending", "get_info_in_database", "validate_model_access", "text_generator",
                      "text_generator", "text_generator", "charge_tokens", "generate_file", "generate_execution_logs",
                      "notify_status_completed"]
@@ -210,7 +218,7 @@ def test_run_peer_says_what_is_missing_without_a_temporal_cli(tmp_path, monkeypa
     monkeypatch.delenv("FLUX_TEMPORAL_CLI", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(peer.PeerUnavailable, match="no `temporal` on PATH"):
-        peer.run_peer()
+        peer.run_peer(quick=True)  # as bench/peer.py calls it
     monkeypatch.setenv("FLUX_TEMPORAL_CLI", str(tmp_path / "temporal"))
     with pytest.raises(peer.PeerUnavailable, match="FLUX_TEMPORAL_CLI=.* is not an executable"):
         peer.run_peer()
@@ -259,7 +267,8 @@ def test_measure_reports_every_figure_of_a_deployment(postgres_url, monkeypatch,
         monkeypatch.setenv("OPENAI_BASE_URL", f"{llm.url}/v1")
         client = InProcessClient(peer.PeerServices.from_env(), monkeypatch)
         figures = asyncio.run(peer.measure(client, postgres_url, llm, [psutil.Process()], [], PG_ADMIN_URL, burst=4,
-                                           sequential=2, latencies={"fast": 0.01, "slow": 1.0}, drain_bound_s=120))
+                                           sequential=2, latencies={"fast": 0.01, "slow": 1.0}, drain_bound_s=120,
+                                           gap_s=(0, 0)))
         for thread in client.threads:
             thread.join(30)
     assert tuple(figures) == peer.RESULT_KEYS

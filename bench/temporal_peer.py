@@ -39,7 +39,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError 
 with workflow.unsafe.imports_passed_through():
     import os
 
-    from flux_dagster import queue, settings
+    from flux_dagster import demo, queue, settings
     from flux_dagster.db.engine import session_scope
     from flux_dagster.errors import (
         ExecutionCancelled, ExecutionTimeoutError, FluxError, IntegrationError, ProviderError, SystemError_,
@@ -480,7 +480,6 @@ async def _measure(cli: str, burst: int, sequential: int, latencies: dict[str, f
     from temporalio.client import Client
 
     from bench.harness import PG_ADMIN_URL, REPO, _stop, free_port, pg_url, postgres_database, postgres_roots
-    from flux_dagster import demo
     from flux_dagster.db.engine import create_schema
 
     with ExitStack() as stack:
@@ -609,7 +608,7 @@ class _Bench:
         from flux_dagster.db.models import PendingExecution
 
         with session_scope(self.app_url) as session:
-            rows = [queue.enqueue(session, kind="node", exec_id=str(uuid.uuid4()), flow_id=_demo_flow(),
+            rows = [queue.enqueue(session, kind="node", exec_id=str(uuid.uuid4()), flow_id=demo.DEMO_FLOW,
                                   node_id="summarize", user_id=f"bench-user-{i % 10}", session_id="bench")
                     for i in range(n)]
             requests = [queue.request_of(row) for row in rows]
@@ -633,12 +632,6 @@ class _Bench:
             raise RuntimeError(f"{len(failed)} of {n} executions did not complete; first: {failed[0].status}: "
                                f"{failed[0].error}")
         return rows
-
-
-def _demo_flow() -> str:
-    from flux_dagster import demo
-
-    return demo.DEMO_FLOW
 
 
 # --- the worker process --------------------------------------------------------------------------

@@ -7,16 +7,17 @@ OpenAI-compatible server (``flux_dagster_tests/fakes/llm.py``) with the app DB o
 Postgres, in one sitting:
 
 - **ours**: dagster.yaml as committed (warm run hosts, Postgres storage), a real code server and
-  ``dagster-daemon`` (``bench/harness.py``); executions queued by inserting ``pending_executions``
-  rows, as the main API does;
+  ``dagster-daemon`` (``bench/harness.py``), pgbouncer in transaction mode in front of Postgres (as
+  docs/production.md recommends); executions queued by inserting ``pending_executions`` rows, as
+  the main API does;
 - **peer**: ``bench/temporal_peer.py`` — ``temporal server start-dev`` and one temporalio worker
   whose workflow calls the same plain functions as one activity per op. It needs the ``temporal``
   CLI (on PATH or ``FLUX_TEMPORAL_CLI``); where there is none (this project's build machines
   cannot download it) the table shows the peer figures recorded on this machine class in
   ``bench/peer_reference.json``, marked as such.
 
-Figures: CPU-s per execution over every process of the deployment plus the Postgres server's
-(bursts of 200 at 50 ms, 2 s and 10 s LLM latency); time to drain each burst; peak executions in
+Figures: CPU-s per execution over every process of the deployment plus the Postgres backends
+serving its databases (not the rest of a shared server) (bursts of 200 at 50 ms, 2 s and 10 s LLM latency); time to drain each burst; peak executions in
 flight; peak Postgres server connections (``pg_stat_activity``); peak memory (sum of PSS) and
 the extra memory per execution in flight; sequential insert → COMPLETED p50 at low load.
 Results go to ``bench/results/peer-<time>.json`` and ``.md`` (git-ignored).
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import REPO, deployment, postgres_roots, tree, tree_cpu
+from bench.harness import REPO, deployment, in_flight_llm, tree, tree_cpu, tree_cpu_by_kind
 
 TERMINAL = ("completed", "failed", "cancelled")
 LATENCIES = {"50ms": 0.05, "2s": 2.0, "10s": 10.0}
@@ -51,7 +52,7 @@ def _p50(values: list[float]) -> float | None:
 
 
 class PeakSampler:
-    """Every 0.5 s: executions in flight (rows ``running``), Postgres server connections to the
+    """Every 0.5 s: rows ``running``, Postgres server connections to the
     deployment's databases, and the sum of PSS over the deployment's processes."""
 
     def __init__(self, roots, app_url: str, databases: list[str]):
@@ -64,6 +65,7 @@ class PeakSampler:
                                     isolation_level="AUTOCOMMIT", pool_size=1)
         self.in_flight = self.connections = 0
         self.pss_mb = 0.0
+        self._backend_cpu: dict[int, float] = {}  # Postgres backends serving the deployment's databases
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -76,6 +78,19 @@ class PeakSampler:
             except psutil.Error:
                 pass
         return total
+
+    def postgres_cpu(self) -> float:
+        """CPU-s of the Postgres backends serving the deployment's databases, live or gone (their
+        last reading): the server's work for this deployment only, whatever else uses it."""
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            try:
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if proc.info["name"] == "postgres" and any(f" {db} " in cmdline for db in self.databases):
+                    t = proc.cpu_times()
+                    self._backend_cpu[proc.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return sum(self._backend_cpu.values())
 
     def _run(self) -> None:
         from sqlalchemy import func, select, text
@@ -96,6 +111,7 @@ class PeakSampler:
             self.in_flight = max(self.in_flight, running)
             self.connections = max(self.connections, connections - 1)  # not the sampler's own app-DB session
             self.pss_mb = max(self.pss_mb, self.pss_now())
+            self.postgres_cpu()
 
     def reset(self) -> None:
         self.in_flight = self.connections = 0
@@ -109,7 +125,6 @@ class PeakSampler:
 class Ours:
     def __init__(self, dep, llm):
         self.dep, self.llm = dep, llm
-        self.postgres = postgres_roots()
 
     def insert(self, n: int) -> list[int]:
         from flux_dagster import demo
@@ -141,19 +156,21 @@ class Ours:
             time.sleep(poll_s)
 
     def cpu(self) -> float:
-        return tree_cpu(self.dep.roots) + tree_cpu(self.postgres)
+        return tree_cpu(self.dep.roots)
 
 
 def measure_ours(quick: bool) -> dict:
     from flux_dagster import demo
     from flux_dagster.db.engine import session_scope
-    from flux_dagster_tests.fakes.llm import FakeLlm
-
     burst = 50 if quick else 200
-    out: dict = {"cpu_s_per_execution": {}, "drain_s": {}, "completed": {}, "burst": burst}
-    with FakeLlm(latency_s=0.05) as llm:
+    out: dict = {"cpu_s_per_execution": {}, "cpu_s_per_execution_by_kind": {}, "drain_s": {}, "completed": {},
+                 "burst": burst}
+    with in_flight_llm(latency_s=0.05) as llm:
         env_extra = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": f"{llm.url}/v1"}
-        with deployment("ours", "postgres", env_extra, use_pgbouncer=False) as dep:
+        # pgbouncer in transaction mode in front of Postgres, as docs/production.md recommends for
+        # the daemon, code server and run hosts.
+        with deployment("ours", "postgres", env_extra, use_pgbouncer=True, pgbouncer_mode="transaction",
+                        pgbouncer_pool_size=20) as dep:
             with session_scope(dep.app_url) as s:
                 demo.seed(s)
             ours = Ours(dep, llm)
@@ -178,18 +195,25 @@ def measure_ours(quick: bool) -> dict:
                     llm.latency_s = latency
                     print(f"[ours] burst of {burst}, {name} LLM", flush=True)
                     cpu0, started = ours.cpu(), time.time()
+                    kinds0, pg0 = tree_cpu_by_kind(dep.roots), sampler.postgres_cpu()
                     rows = ours.wait(ours.insert(burst), 900, poll_s=0.5)
                     cpu1 = ours.cpu()
+                    kinds1, pg1 = tree_cpu_by_kind(dep.roots), sampler.postgres_cpu()
                     done = [r for r in rows if r.status == "completed"]
                     out["completed"][name] = len(done)
-                    out["cpu_s_per_execution"][name] = (cpu1 - cpu0) / max(1, len(done))
+                    n_done = max(1, len(done))
+                    out["cpu_s_per_execution"][name] = (cpu1 - cpu0 + pg1 - pg0) / n_done
+                    out["cpu_s_per_execution_by_kind"][name] = {
+                        **{k: round((kinds1[k] - kinds0.get(k, 0.0)) / n_done, 3) for k in kinds1},
+                        "postgres backends": round((pg1 - pg0) / n_done, 3)}
                     out["drain_s"][name] = max(_ts(r.finished_at) for r in done) - started if done else None
                     time.sleep(2)
-                out["peak_in_flight"] = sampler.in_flight
+                out["peak_in_flight"] = llm.peak_open  # LLM requests open at once, as for the peer
+                out["peak_running_rows"] = sampler.in_flight
                 out["peak_pg_connections"] = sampler.connections
                 out["peak_pss_mb"] = sampler.pss_mb
                 out["idle_pss_mb"] = idle_pss
-                out["extra_pss_per_in_flight_mb"] = (sampler.pss_mb - idle_pss) / max(1, sampler.in_flight)
+                out["extra_pss_per_in_flight_mb"] = (sampler.pss_mb - idle_pss) / max(1, llm.peak_open)
             finally:
                 sampler.stop()
     return out
@@ -280,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             "command": " ".join(sys.argv)}, indent=2, default=str))
     (results / f"peer-{stamp}.md").write_text(report + "\n")
     print(report)
+    print("flux-dagster CPU-s per execution by process:", json.dumps(ours["cpu_s_per_execution_by_kind"], indent=1))
 
 
 if __name__ == "__main__":

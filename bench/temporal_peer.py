@@ -381,39 +381,6 @@ def run_peer(*, quick: bool = False, burst: int | None = None, sequential: int |
     return asyncio.run(_measure(temporal_cli(), burst, sequential, latencies, drain_bound_s))
 
 
-def _in_flight_llm(latency_s: float):
-    """The loopback OpenAI server, counting completion requests open at once (from their arrival
-    to the stream's last byte): the executions doing their work at the same time."""
-    import threading
-
-    from flux_dagster_tests.fakes.http import Reply
-    from flux_dagster_tests.fakes.llm import FakeLlm
-
-    class InFlightLlm(FakeLlm):
-        def __init__(self, **kwargs):
-            self._count_lock = threading.Lock()
-            self.open = self.peak_open = 0
-            super().__init__(**kwargs)
-
-        def _handle(self, req) -> Reply:
-            reply = super()._handle(req)
-            if reply.chunks is None:
-                return reply
-            with self._count_lock:
-                self.open += 1
-                self.peak_open = max(self.peak_open, self.open)
-            return Reply(reply.status, reply.body, reply.headers, reply.delay_s, self._counted(reply.chunks))
-
-        def _counted(self, chunks):
-            try:
-                yield from chunks
-            finally:
-                with self._count_lock:
-                    self.open -= 1
-
-    return InFlightLlm(latency_s=latency_s)
-
-
 class _Peaks:
     """Samples, every ``interval_s``: the sum of PSS over the peer's processes and the worker's
     Postgres connections."""
@@ -479,11 +446,13 @@ async def _measure(cli: str, burst: int, sequential: int, latencies: dict[str, f
     import psutil
     from temporalio.client import Client
 
-    from bench.harness import PG_ADMIN_URL, REPO, _stop, free_port, pg_url, postgres_database, postgres_roots
+    from bench.harness import (
+        PG_ADMIN_URL, REPO, _stop, free_port, in_flight_llm, pg_url, postgres_database, postgres_roots,
+    )
     from flux_dagster.db.engine import create_schema
 
     with ExitStack() as stack:
-        llm = stack.enter_context(_in_flight_llm(latency_s=0.05))
+        llm = stack.enter_context(in_flight_llm(latency_s=0.05))
         app_url = pg_url(stack.enter_context(postgres_database("flux_peer_app")))
         create_schema(app_url)
         with session_scope(app_url) as session:
@@ -517,7 +486,7 @@ async def measure(client, app_url: str, llm, roots: list, pg_roots: list, pg_adm
                   sequential: int, latencies: dict[str, float], drain_bound_s: float,
                   gap_s: tuple[float, float] = (0.5, 2.0)) -> dict[str, Any]:
     """``run_peer``'s figures, over a running deployment: ``client`` starts its workflows,
-    ``roots`` are its processes, ``pg_roots`` the Postgres server's, ``llm`` an ``_in_flight_llm``;
+    ``roots`` are its processes, ``pg_roots`` the Postgres server's, ``llm`` an ``in_flight_llm``;
     ``gap_s``: the random pause before each sequential execution."""
     import asyncio
     import random

@@ -5,16 +5,26 @@ events. ``purge_history`` deletes finished runs last updated before the cutoff w
 they leave behind, and this project's terminal queue rows and published notifications. Never the
 token ledger (the record of what was charged) nor the main API's tables.
 
-What a run leaves behind, and what removes it (read from Dagster 1.13's source):
+What a run leaves behind (read from Dagster 1.13's source), and how it goes here, a batch of runs
+at a time:
 
-- ``DagsterInstance.delete_run``: the ``runs`` row and its events (run shard and index).
+- ``DagsterInstance.delete_run`` deletes the ``runs`` row, its events and the asset-event tags of
+  its materializations, and frees the concurrency slots it holds, in ~8 statements and 4 commits
+  per run (2.6 runs/s on a loaded Postgres: 11 h for 100,000 runs). Here the same statements run
+  once per batch (``IN`` over the batch's run ids) on the storages' own connections and tables,
+  and the concurrency-slot release (rare: a finished run holds none) goes through Dagster's own
+  ``free_concurrency_slots_for_run`` for the runs that still hold one. Storages that are not
+  Dagster's SQL ones fall back to ``delete_run`` per run.
 - run tags: a foreign key with ``ON DELETE CASCADE``, which SQLite ignores (Dagster does not turn
-  on ``PRAGMA foreign_keys``), so they are deleted here on SQLite.
-- the SQLite event log's per-run file ``<storage>/history/runs/<run_id>.db`` (emptied, not
-  removed): removed here, instead of being opened and emptied.
+  on ``PRAGMA foreign_keys``): deleted explicitly.
+- the SQLite event log's per-run file ``<storage>/history/runs/<run_id>.db``: removed (opening
+  it to empty it would first run Dagster's schema check on it, most of a second per run).
 - compute logs: ``compute_log_manager.delete_logs(prefix=[run_id])`` (keys are
   ``[run_id, "compute_logs", step]``).
 - step outputs of the default ``fs_io_manager``: ``<storage>/<run_id>/``.
+
+Order: files, then events, then the runs rows, which are what the next purge finds: a purge cut
+short leaves no event or file without its run.
 
 Used by the ``purge_history`` job (daily schedule) and ``flux-dagster purge``.
 """
@@ -23,22 +33,32 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.events import DagsterEventType
+from dagster._core.storage.event_log.schema import (
+    AssetEventTagsTable,
+    ConcurrencySlotsTable,
+    PendingStepsTable,
+    SqlEventLogStorageTable,
+)
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-from dagster._core.storage.runs.schema import RunTagsTable
-from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
-from sqlalchemy import and_, delete, func, select
+from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
+from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
+from sqlalchemy import and_, delete, func, select, union
 from sqlalchemy.orm import Session
 
 from flux_dagster.db.models import TERMINAL_STATUSES, PendingExecution, StatusNotification, utcnow
 
 FINISHED_RUN_STATUSES = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 DEFAULT_BATCH_SIZE = 500
+# The events whose tags Dagster keeps in asset_event_tags (what delete_events_for_run clears).
+ASSET_EVENT_TYPES = [DagsterEventType.ASSET_MATERIALIZATION.value, DagsterEventType.ASSET_OBSERVATION.value]
 
 
 @dataclass
@@ -82,29 +102,44 @@ def count_purgeable(instance: DagsterInstance, session: Session, cutoff: datetim
     )
 
 
-def delete_run_with_artifacts(instance: DagsterInstance, run_id: str) -> None:
-    """One run and every trace of it in Dagster's storage (see the module doc)."""
-    events = instance.event_log_storage
+def delete_runs_with_artifacts(instance: DagsterInstance, run_ids: Sequence[str]) -> None:
+    """Runs and every trace of them in Dagster's storage (see the module doc)."""
+    runs, events = instance.run_storage, instance.event_log_storage
+    for run_id in run_ids:
+        instance.compute_log_manager.delete_logs(prefix=[run_id])
+        shutil.rmtree(os.path.join(instance.storage_directory(), run_id), ignore_errors=True)
+    if not (isinstance(runs, SqlRunStorage) and isinstance(events, SqlEventLogStorage)):
+        for run_id in run_ids:
+            instance.delete_run(run_id)
+        return
     if isinstance(events, SqliteEventLogStorage):
-        # What DagsterInstance.delete_run does, except emptying the run's own event-log file, which
-        # is removed instead: opening it would first run Dagster's schema check on it (alembic),
-        # most of a second per run on a busy machine.
-        instance.run_storage.delete_run(run_id)
+        for run_id in run_ids:
+            shard = events.path_for_shard(run_id)
+            for path in (shard, f"{shard}-wal", f"{shard}-shm"):
+                if os.path.exists(path):
+                    os.unlink(path)
+    # On SQLite the index shard holds the copies of asset events; elsewhere it is the event log.
+    with events.index_connection() as conn:
+        asset_event_ids = conn.execute(
+            select(SqlEventLogStorageTable.c.id).where(
+                SqlEventLogStorageTable.c.run_id.in_(run_ids),
+                SqlEventLogStorageTable.c.dagster_event_type.in_(ASSET_EVENT_TYPES),
+            )
+        ).scalars().all()
+        if asset_event_ids:
+            conn.execute(AssetEventTagsTable.delete().where(AssetEventTagsTable.c.event_id.in_(asset_event_ids)))
+        conn.execute(SqlEventLogStorageTable.delete().where(SqlEventLogStorageTable.c.run_id.in_(run_ids)))
+    if events.supports_global_concurrency_limits:
         with events.index_connection() as conn:
-            events.delete_events_for_run(conn, run_id)
-        if events.supports_global_concurrency_limits:
+            holders = conn.execute(
+                union(select(ConcurrencySlotsTable.c.run_id).where(ConcurrencySlotsTable.c.run_id.in_(run_ids)),
+                      select(PendingStepsTable.c.run_id).where(PendingStepsTable.c.run_id.in_(run_ids)))
+            ).scalars().all()
+        for run_id in holders:
             events.free_concurrency_slots_for_run(run_id)
-        shard = events.path_for_shard(run_id)
-        for path in (shard, f"{shard}-wal", f"{shard}-shm"):
-            if os.path.exists(path):
-                os.unlink(path)
-    else:
-        instance.delete_run(run_id)
-    if isinstance(instance.run_storage, SqliteRunStorage):
-        with instance.run_storage.connect() as conn:
-            conn.execute(RunTagsTable.delete().where(RunTagsTable.c.run_id == run_id))
-    instance.compute_log_manager.delete_logs(prefix=[run_id])
-    shutil.rmtree(os.path.join(instance.storage_directory(), run_id), ignore_errors=True)
+    with runs.connect() as conn:
+        conn.execute(RunTagsTable.delete().where(RunTagsTable.c.run_id.in_(run_ids)))
+        conn.execute(RunsTable.delete().where(RunsTable.c.run_id.in_(run_ids)))
 
 
 def purge_history(
@@ -122,8 +157,7 @@ def purge_history(
     counts = PurgeCounts()
     runs_filter = _runs_filter(cutoff)
     while run_ids := instance.get_run_ids(runs_filter, limit=batch_size):
-        for run_id in run_ids:
-            delete_run_with_artifacts(instance, run_id)
+        delete_runs_with_artifacts(instance, run_ids)
         counts.runs += len(run_ids)
         on_progress(len(run_ids))
     for model, where, field in (

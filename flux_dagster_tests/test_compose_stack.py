@@ -331,9 +331,9 @@ def test_every_node_type_runs_and_history_files_and_rows_survive_a_restart(stack
     failed = {row[0]: row[2] for row in before["rows"].values() if row[1] != "completed"}
     assert failed == {}, failed
     nodes = before["nodes"]
-    assert json.loads(nodes["python-script"]["text"]) == {"sum": 42, "proc": False}  # the container profile
-    assert json.loads(nodes["js-script"]["text"]) == [2, 4, 6]
-    assert nodes["math"]["text"] == "120" and nodes["counter"]["text"] == "42"
+    assert nodes["python-script"]["result"] == {"sum": 42, "proc": False}  # the container profile
+    assert nodes["js-script"]["result"] == [2, 4, 6]
+    assert nodes["math"]["result"] == 120 and nodes["counter"]["text"] == "42"
     assert json.loads(nodes["sql"]["text"]) == [{"two": 2}]
     assert "dagster_webserver_version" in nodes["api"]["text"]
     assert "youtube video=dQw4w9WgXcQ" in nodes["transcript"]["text"]  # offline: no SearchAPI key

@@ -110,6 +110,53 @@ def test_purge_deletes_old_runs_with_their_traces_and_old_rows_only(app_db_url, 
         assert s.scalar(select(func.count()).select_from(TokenLedgerEntry)) == ledger_before
 
 
+def test_purge_deletes_runs_in_batches_with_their_asset_events(app_db_url, instance):
+    """Batches of several runs (the statements take the batch's run ids at once): every run, event
+    and asset-event tag of the batch goes, nothing of a run outside the cutoff."""
+    from dagster import AssetMaterialization, job, op
+    from dagster._core.storage.event_log.schema import AssetEventTagsTable, SqlEventLogStorageTable
+
+    @op
+    def report(context):
+        context.log_event(AssetMaterialization("report", tags={"dagster/data_version": "1"}))
+
+    @job
+    def reports():
+        report()
+
+    old = [reports.execute_in_process(instance=instance).run_id for _ in range(3)]
+    cutoff = utcnow()
+    kept = reports.execute_in_process(instance=instance).run_id
+
+    def asset_event_ids(run_ids):
+        with instance.event_log_storage.index_connection() as conn:
+            return conn.execute(select(SqlEventLogStorageTable.c.id).where(
+                SqlEventLogStorageTable.c.run_id.in_(run_ids),
+                SqlEventLogStorageTable.c.dagster_event_type == "ASSET_MATERIALIZATION")).scalars().all()
+
+    def tagged(event_ids):
+        with instance.event_log_storage.index_connection() as conn:
+            return conn.scalar(select(func.count()).select_from(AssetEventTagsTable)
+                               .where(AssetEventTagsTable.c.event_id.in_(event_ids)))
+
+    old_events, kept_events = asset_event_ids(old), asset_event_ids([kept])
+    assert len(old_events) == 3 and tagged(old_events) == 3
+
+    progress = []
+    done = purge_history(instance, lambda: session_scope(app_db_url), cutoff,
+                         redis_configured=False, batch_size=2, on_progress=progress.append)
+
+    assert done.runs == 3 and progress[:2] == [2, 1]
+    assert all(instance.get_run_by_id(r) is None for r in old)
+    if app_db_url.startswith("postgres"):
+        assert all(instance.all_logs(r) == [] for r in old)
+    else:  # each run's own event-log file
+        assert not any(Path(instance.event_log_storage.path_for_shard(r)).exists() for r in old)
+    assert tagged(old_events) == 0
+    assert instance.get_run_by_id(kept) is not None and tagged(kept_events) == 1
+    assert len(instance.all_logs(kept)) > 5
+
+
 def test_purge_history_job_runs_on_the_instance(app_db_url, instance):
     from flux_dagster.definitions import defs
     from flux_dagster.resources import AppDatabase, NotifierResource

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 from sqlalchemy import create_engine, func, select, text
 
@@ -41,6 +42,7 @@ from flux_dagster_tests.fakes.code_location import quick_job, slow_job
 from flux_dagster_tests.faults.harness import dagster_runs
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS_BROKER_URL = "redis://127.0.0.1:6379/0"
 BURST = 30
 CONCURRENCY = 8  # per worker: the burst is more than both hold, so some of it waits in the queue
 IN_PROGRESS = ("NOT_STARTED", "QUEUED", "STARTING", "STARTED", "CANCELING")
@@ -66,13 +68,14 @@ def run_queue():
         yield name
 
 
-def use_celery_launcher(home: Path, run_queue: str, **config) -> None:
-    """``home``'s dagster.yaml launches with ``CeleryRunLauncher`` on ``run_queue``."""
+def use_celery_launcher(home: Path, **config) -> None:
+    """``home``'s dagster.yaml launches with ``CeleryRunLauncher`` (on RabbitMQ unless
+    ``config`` says otherwise)."""
     path = home / "dagster.yaml"
     instance_config = yaml.safe_load(path.read_text()) if path.exists() else {}
     instance_config["run_launcher"] = {
         "module": "flux_dagster.launcher.celery_launcher", "class": "CeleryRunLauncher",
-        "config": {"broker_url": BROKER_URL, "queue": run_queue, **config},
+        "config": {"broker_url": BROKER_URL, **config},
     }
     path.write_text(yaml.safe_dump(instance_config))
 
@@ -134,28 +137,33 @@ defs = Definitions(jobs=[quick_job, slow_job, slow_job_in_processes])
 LOCATION = "celery_test"
 
 
-@pytest.fixture(scope="module")
-def celery_instance(tmp_path_factory):
-    """An instance (SQLite) launching with CeleryRunLauncher on a queue of its own, one run worker
-    serving it, and a workspace on a real gRPC code server for this module's ``defs``."""
-    home = tmp_path_factory.mktemp("celery_home")
+@contextmanager
+def one_worker(home: Path, **launcher_config):
+    """An instance (SQLite) in ``home`` launching with CeleryRunLauncher, one run worker serving
+    it, and a workspace on a real gRPC code server for this module's ``defs``."""
+    home.mkdir(exist_ok=True)
     deployed = yaml.safe_load((REPO / "dagster.yaml").read_text())
     # As deployed: the instance class and compute logs that run hosts need.
     (home / "dagster.yaml").write_text(yaml.safe_dump({key: deployed[key] for key in ("instance_class", "compute_logs")}
                                                       | {"telemetry": {"enabled": False}}))
-    with own_queue() as run_queue:
-        use_celery_launcher(home, run_queue, cancel_poll_interval_seconds=0.2, preload_modules=[__name__])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PG")} | {"DAGSTER_HOME": str(home)}
-        worker = Worker(env, home / "worker.log", concurrency=4)
-        try:
-            instance = DagsterInstance.from_config(str(home))
-            target = ModuleTarget(module_name=__name__, attribute="defs", working_directory=str(REPO),
-                                  location_name=LOCATION)
-            with instance, WorkspaceProcessContext(instance, target) as process_context:
-                worker.wait_ready()
-                yield instance, process_context, worker
-        finally:
-            worker.stop()
+    use_celery_launcher(home, cancel_poll_interval_seconds=0.2, preload_modules=[__name__], **launcher_config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PG")} | {"DAGSTER_HOME": str(home)}
+    worker = Worker(env, home / "worker.log", concurrency=4)
+    try:
+        instance = DagsterInstance.from_config(str(home))
+        target = ModuleTarget(module_name=__name__, attribute="defs", working_directory=str(REPO),
+                              location_name=LOCATION)
+        with instance, WorkspaceProcessContext(instance, target) as process_context:
+            worker.wait_ready()
+            yield instance, process_context, worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def celery_instance(tmp_path_factory):
+    with own_queue() as run_queue, one_worker(tmp_path_factory.mktemp("celery_home"), queue=run_queue) as running:
+        yield running
 
 
 def new_run(celery_instance, job_name: str):
@@ -238,7 +246,26 @@ def test_a_run_terminated_before_a_worker_took_it_ends_canceled(celery_instance)
     assert instance.run_launcher.terminate(run.run_id)  # still NOT_STARTED: no host watches it
     instance.run_launcher.app.send_task(TASK_NAME, args=[run.run_id])
     assert poll_for_finished_run(instance, run.run_id, timeout=60).status == DagsterRunStatus.CANCELED
-    assert "Terminated before a run worker started it." in messages(instance, run.run_id)
+    assert "Terminated while no live run worker had it." in messages(instance, run.run_id)
+
+
+def test_redis_as_the_broker(tmp_path):
+    """The same on Redis, its keys under a prefix of the test's own (deleted afterwards)."""
+    prefix = f"flux-test-{uuid.uuid4().hex[:12]}:"
+    try:
+        with one_worker(tmp_path / "home", broker_url=REDIS_BROKER_URL, queue="flux-runs",
+                        broker_transport_options={"global_keyprefix": prefix}) as running:
+            instance = running[0]
+            assert poll_for_finished_run(instance, launch(running, "quick_job").run_id,
+                                         timeout=120).status == DagsterRunStatus.SUCCESS
+            run = started(instance, launch(running, "slow_job").run_id)
+            assert instance.run_launcher.terminate(run.run_id)
+            assert poll_for_finished_run(instance, run.run_id, timeout=60).status == DagsterRunStatus.CANCELED
+    finally:
+        client = redis.Redis.from_url(REDIS_BROKER_URL)
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)
+        client.close()
 
 
 # ----- end to end: two worker hosts, one killed mid-burst ----------------------------------------
@@ -276,7 +303,7 @@ def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, f
         env_extra = {"DAGSTER_PG_URL": dagster_url, "OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": f"{fake_llm.url}/v1",
                      "URL_MAIN_API": fake_main_api.url, "INTERNAL_API_KEY": fake_main_api.api_key}
         deployment = Deployment(tmp_path, app_url, env_extra)
-        use_celery_launcher(Path(deployment.env["DAGSTER_HOME"]), run_queue,
+        use_celery_launcher(Path(deployment.env["DAGSTER_HOME"]), queue=run_queue,
                             preload_modules=["flux_dagster.definitions", "openai", "anthropic"])
         dagster = create_engine(normalize_url(dagster_url))
         workers: list[Worker] = []

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dagster import Array, Field, StringSource
+from dagster import Array, Field, Permissive, StringSource
 from dagster._core.events import EngineEventData
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher
 from dagster._core.storage.dagster_run import DagsterRun
@@ -40,12 +40,13 @@ DEFAULT_QUEUE = "flux-dagster-runs"
 DEFAULT_PRELOAD = ["flux_dagster.definitions"]
 
 
-def celery_app(broker_url: str, queue: str):
+def celery_app(broker_url: str, queue: str, transport_options: Mapping[str, Any] | None = None):
     """The Celery app both sides use: the launcher sends with it, ``run-worker`` consumes."""
     from celery import Celery
 
     app = Celery("flux_dagster", broker=broker_url, set_as_current=False)
     app.conf.update(
+        broker_transport_options=dict(transport_options or {}),
         # On the broker: this queue and a direct exchange of the same name, nothing else.
         task_default_queue=queue,
         task_serializer="json",
@@ -73,10 +74,11 @@ class CeleryRunLauncher(RunLauncher, ConfigurableClass):
 
     def __init__(self, inst_data: ConfigurableClassData | None = None, broker_url: str = "",
                  queue: str = DEFAULT_QUEUE, preload_modules: Sequence[str] | None = None,
-                 cancel_poll_interval_seconds: float = 1.0):
+                 cancel_poll_interval_seconds: float = 1.0, broker_transport_options: Mapping[str, Any] | None = None):
         self._inst_data = inst_data
         self.broker_url = broker_url
         self.queue = queue
+        self.broker_transport_options = dict(broker_transport_options or {})
         self.preload_modules = list(DEFAULT_PRELOAD if preload_modules is None else preload_modules)
         self.cancel_poll_interval_seconds = cancel_poll_interval_seconds
         self._app = None
@@ -99,6 +101,10 @@ class CeleryRunLauncher(RunLauncher, ConfigurableClass):
                 StringSource, is_required=False, default_value=DEFAULT_QUEUE,
                 description="The broker queue the runs go to and the workers consume.",
             ),
+            "broker_transport_options": Field(
+                Permissive(), is_required=False, default_value={},
+                description="Celery's broker_transport_options, e.g. {global_keyprefix: 'flux:'} on a shared Redis.",
+            ),
             "preload_modules": Field(
                 Array(StringSource), is_required=False, default_value=DEFAULT_PRELOAD,
                 description="Modules a worker imports before taking runs: the code location, LLM SDKs.",
@@ -119,7 +125,7 @@ class CeleryRunLauncher(RunLauncher, ConfigurableClass):
         only the daemon (and the UI, for re-executions) sends."""
         with self._app_lock:
             if self._app is None:
-                self._app = celery_app(self.broker_url, self.queue)
+                self._app = celery_app(self.broker_url, self.queue, self.broker_transport_options)
             return self._app
 
     def launch_run(self, context: LaunchRunContext) -> None:

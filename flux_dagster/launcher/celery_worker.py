@@ -6,10 +6,12 @@ pool running each task (one run) on a thread of its own, up to ``--concurrency``
 many workers, on as many machines, as the load needs: they share the broker's queue.
 
 A task can arrive twice: the broker hands the task of a worker that died (or lost its broker
-connection) to another. ``not_to_execute`` makes the second delivery a no-op unless the run never
-started: Dagster's own ``core_execute_run`` refuses a run past STARTING, but the run host tags the
-run with its pid before that, which would hide the dead host from run monitoring. A run the dead
-worker had started is failed by run monitoring and re-executed by Dagster's run retries.
+connection) to another. The second delivery executes the run only if it never started and no live
+host has taken it (``not_to_execute``; a run a host tagged and that host still looks alive is
+looked at again after ``HEARTBEAT_STALE_S``). Dagster's own ``core_execute_run`` would refuse a run
+past STARTING too, but the run host tags the run with its pid before that, which would hide the
+dead host from run monitoring. A run the dead worker had started is failed by run monitoring and
+re-executed by Dagster's run retries.
 
 Runs whose executor starts step processes of its own (``process_agent``'s multiprocess executor)
 stop only on the main thread's interrupt: each of them runs in a child process of its own
@@ -51,8 +53,8 @@ def not_to_execute(instance, run: DagsterRun | None) -> str | None:
     if run is None:
         return "the run does not exist (deleted?)"
     if run.status == DagsterRunStatus.CANCELING and not _held_by_live_host(instance, run):
-        instance.report_run_canceled(run, message="Terminated before a run worker started it.")
-        return "it was terminated before it started"
+        instance.report_run_canceled(run, message="Terminated while no live run worker had it.")
+        return "it was terminated while no live run worker had it"
     if run.status not in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
         return f"it is already {run.status.value} (run monitoring and run retries handle a host that died)"
     return None
@@ -129,7 +131,7 @@ def run_worker(concurrency: int, loglevel: str = "INFO") -> int:
     # (flux_dagster/instance.py).
     instance.get_handlers()
     _host = RunHost(instance, poll_interval_s=launcher.cancel_poll_interval_seconds)
-    app = celery_app(launcher.broker_url, launcher.queue)
+    app = celery_app(launcher.broker_url, launcher.queue, launcher.broker_transport_options)
     app.task(name=TASK_NAME, bind=True)(execute_run_task)
     try:
         app.worker_main([

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -36,7 +37,7 @@ from flux_dagster.db.engine import create_schema, get_engine, normalize_url, ses
 from flux_dagster.db.models import Flow, FlowNode, TokenLedgerEntry
 from flux_dagster.interrupts import interruptible
 from flux_dagster.launcher.celery_launcher import TASK_NAME, CeleryRunLauncher
-from flux_dagster.launcher.worker_process import PID_TAG
+from flux_dagster.launcher.worker_process import HOST_TAG, PID_TAG, START_TAG
 from flux_dagster_tests.deployment import BIN, REPO, Deployment, postgres_database, wait_terminal
 from flux_dagster_tests.fakes.code_location import quick_job, slow_job
 from flux_dagster_tests.faults.harness import dagster_runs
@@ -247,6 +248,27 @@ def test_a_run_terminated_before_a_worker_took_it_ends_canceled(celery_instance)
     instance.run_launcher.app.send_task(TASK_NAME, args=[run.run_id])
     assert poll_for_finished_run(instance, run.run_id, timeout=60).status == DagsterRunStatus.CANCELED
     assert "Terminated while no live run worker had it." in messages(instance, run.run_id)
+
+
+def test_a_run_a_dead_worker_had_taken_is_executed(celery_instance):
+    """The task of a worker that died after tagging the run, before starting it, is delivered
+    again: the next worker executes the run."""
+    instance, process_context, worker = celery_instance
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    run = new_run(celery_instance, "quick_job")
+    instance.add_run_tags(run.run_id, {PID_TAG: str(gone.pid), HOST_TAG: socket.gethostname(), START_TAG: "1"})
+    instance.launch_run(run.run_id, process_context.create_request_context())
+    finished = poll_for_finished_run(instance, run.run_id, timeout=120)
+    assert finished.status == DagsterRunStatus.SUCCESS and finished.tags[PID_TAG] == str(worker.pid)
+
+
+def test_run_worker_refuses_an_instance_without_the_celery_launcher(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PG")} | {"DAGSTER_HOME": str(tmp_path)}
+    (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())  # the warm launcher
+    done = subprocess.run([BIN / "flux-dagster", "run-worker"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and "must configure CeleryRunLauncher" in done.stderr, done.stderr[-2000:]
 
 
 def test_redis_as_the_broker(tmp_path):

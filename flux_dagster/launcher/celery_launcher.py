@@ -8,7 +8,7 @@ run id; the worker that takes it executes the run through Dagster's own run-exec
 
 - Delivery: tasks are acknowledged when their run has ended (``acks_late``), so the broker hands
   the task of a worker that died to another one. That worker executes the run only if it had not
-  started (see ``celery_worker.should_execute``); a run that had started is failed by run
+  started (see ``celery_worker.not_to_execute``); a run that had started is failed by run
   monitoring and re-executed by Dagster's run retries, launched here again.
 - Run monitoring: ``check_run_worker_health`` judges the host recorded in the run's tags, by
   ``/proc`` when it is on the daemon's machine, else by its heartbeat in the instance storage.

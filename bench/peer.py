@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import REPO, deployment, in_flight_llm, tree, tree_cpu, tree_cpu_by_kind
+from bench.harness import REPO, deployment, in_flight_llm, tree_cpu, tree_cpu_by_kind, tree_pss_mb
 
 TERMINAL = ("completed", "failed", "cancelled")
 LATENCIES = {"50ms": 0.05, "2s": 2.0, "10s": 10.0}
@@ -73,13 +73,7 @@ class PeakSampler:
         self._thread.start()
 
     def pss_now(self) -> float:
-        total = 0.0
-        for proc in tree(self.roots):
-            try:
-                total += proc.memory_full_info().pss / 2**20
-            except psutil.Error:
-                pass
-        return total
+        return tree_pss_mb(self.roots)
 
     def postgres_cpu(self) -> float:
         """CPU-s of the Postgres backends serving the deployment's databases, live or gone (their

@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: dev test test-slow bench faults system-deps compose-test
+.PHONY: dev test test-slow bench bench-peer faults system-deps compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: $(VENV)/.installed system-deps
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+
+# Issue 12's table: flux-dagster beside a Temporal worker doing the same work (bench/peer.py).
+bench-peer: $(VENV)/.installed system-deps
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(VENV)/bin/python -m bench.peer $(BENCH_ARGS)
 
 # Every fault-injection scenario at the issue's burst sizes (docs/faults.md, ~1 h): prints the
 # table and writes it to bench/results/faults.md. Fails when a goal does not hold.

@@ -63,11 +63,14 @@ def pg_url(database: str, port: int | None = None) -> str:
 
 
 @contextmanager
-def pgbouncer():
-    """A session-pooling pgbouncer in front of the machine's Postgres; yields its port.
+def pgbouncer(pool_mode: str = "session", pool_size: int = 60):
+    """A pgbouncer in front of the machine's Postgres; yields its port.
 
-    Session mode keeps LISTEN/NOTIFY working; it saves Postgres a backend fork per connection,
-    and dagster-postgres opens a connection per storage call."""
+    It saves Postgres a backend fork per connection (dagster-postgres opens one per storage call
+    outside pooled mode). Session mode keeps LISTEN/NOTIFY working (the webserver's live event
+    stream needs it); transaction mode also shares each server connection between clients, so the
+    server sees at most ``pool_size`` per database (psycopg2 prepares no statements, so nothing
+    is lost; docs/production.md)."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-pgbouncer-"))
@@ -76,7 +79,7 @@ def pgbouncer():
     ini.write_text(
         "[databases]\n* = host=127.0.0.1 port=5432 user=postgres\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        "auth_type = any\npool_mode = session\nmax_client_conn = 4000\ndefault_pool_size = 60\n"
+        f"auth_type = any\npool_mode = {pool_mode}\nmax_client_conn = 4000\ndefault_pool_size = {pool_size}\n"
         "ignore_startup_parameters = extra_float_digits,options\n"
         f"logfile = {workdir / 'pgbouncer.log'}\npidfile = {workdir / 'pgbouncer.pid'}\n"
         "log_connections = 0\nlog_disconnections = 0\n"
@@ -126,6 +129,17 @@ def tree(roots: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return out
+
+
+def tree_pss_mb(roots: list[psutil.Process]) -> float:
+    """The sum of PSS over the roots and their descendants: each shared page counted once."""
+    total = 0.0
+    for proc in tree(roots):
+        try:
+            total += proc.memory_full_info().pss / 2**20
+        except psutil.Error:
+            pass
+    return total
 
 
 def tree_cpu(roots: list[psutil.Process]) -> float:
@@ -226,7 +240,8 @@ class Deployment:
 
 
 @contextmanager
-def deployment(mode: str, storage: str, env_extra: dict[str, str], use_pgbouncer: bool):
+def deployment(mode: str, storage: str, env_extra: dict[str, str], use_pgbouncer: bool,
+               pgbouncer_mode: str = "session", pgbouncer_pool_size: int = 60):
     """A code server and a daemon on a temp DAGSTER_HOME, as in the e2e test and production."""
     from flux_dagster.db.engine import create_schema
 
@@ -243,7 +258,7 @@ def deployment(mode: str, storage: str, env_extra: dict[str, str], use_pgbouncer
             dagster_db = stack.enter_context(postgres_database("flux_bench_dagster"))
             port = None
             if use_pgbouncer:
-                port, bouncer = stack.enter_context(pgbouncer())
+                port, bouncer = stack.enter_context(pgbouncer(pgbouncer_mode, pgbouncer_pool_size))
                 extra_roots.append(psutil.Process(bouncer.pid))
             app_url, dagster_url = pg_url(app_db, port), pg_url(dagster_db, port)
             storage_env = {"DAGSTER_PG_URL": dagster_url}
@@ -282,3 +297,36 @@ def _stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+def in_flight_llm(latency_s: float):
+    """The loopback OpenAI server, counting completion requests open at once (from their arrival
+    to the stream's last byte): the executions doing their work at the same time."""
+    import threading
+
+    from flux_dagster_tests.fakes.http import Reply
+    from flux_dagster_tests.fakes.llm import FakeLlm
+
+    class InFlightLlm(FakeLlm):
+        def __init__(self, **kwargs):
+            self._count_lock = threading.Lock()
+            self.open = self.peak_open = 0
+            super().__init__(**kwargs)
+
+        def _handle(self, req) -> Reply:
+            reply = super()._handle(req)
+            if reply.chunks is None:
+                return reply
+            with self._count_lock:
+                self.open += 1
+                self.peak_open = max(self.peak_open, self.open)
+            return Reply(reply.status, reply.body, reply.headers, reply.delay_s, self._counted(reply.chunks))
+
+        def _counted(self, chunks):
+            try:
+                yield from chunks
+            finally:
+                with self._count_lock:
+                    self.open -= 1
+
+    return InFlightLlm(latency_s=latency_s)

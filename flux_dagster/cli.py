@@ -213,6 +213,19 @@ def daemon(ctx: click.Context) -> None:
     raise SystemExit(supervise([_bin("dagster-daemon"), "run", *ctx.args]))
 
 
+@main.command("run-worker")
+@click.option("--concurrency", default=100, show_default=True, help="Runs this worker executes at once (one thread each).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def run_worker_cmd(concurrency: int, loglevel: str) -> None:
+    """Execute runs sent by CeleryRunLauncher, on this machine (docs/multi-host.md). Broker and
+    queue come from $DAGSTER_HOME/dagster.yaml, the same file (and storage) as the daemon's.
+    SIGTERM: take no more runs, exit once those in flight are done."""
+    from flux_dagster.launcher.celery_worker import run_worker
+
+    prepare_dagster_home(copy_config=False)
+    raise SystemExit(run_worker(concurrency, loglevel))
+
+
 @main.command()
 @click.option("--older-than-days", type=float, required=True, help="Keep this many days of history.")
 @click.option("--batch-size", default=500, show_default=True)

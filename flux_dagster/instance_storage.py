@@ -28,6 +28,10 @@ def postgres_url_from_env() -> str | None:
     return "postgresql+psycopg2://" + url.split("://", 1)[1] if url.startswith(("postgresql://", "postgres://")) else url
 
 
+# Connections a process may open beyond the one each storage keeps (run, event log, schedules).
+POOL_MAX_OVERFLOW = 4
+
+
 class EnvSelectedStorage(DagsterStorage, ConfigurableClass):
     """Builds the concrete Dagster storage; never instantiated itself (Dagster checks the type)."""
 
@@ -41,7 +45,15 @@ class EnvSelectedStorage(DagsterStorage, ConfigurableClass):
         if url:
             from dagster_postgres import DagsterPostgresStorage
 
-            return DagsterPostgresStorage(postgres_url=url, inst_data=inst_data)
+            storage = DagsterPostgresStorage(postgres_url=url, inst_data=inst_data)
+            # Pooled connections in every process (the storage's own pooled mode, the one
+            # dagster-webserver turns on), not a new connection (a Postgres backend) per storage
+            # call: the daemon makes thousands of calls a minute under load (bench/peer.py). No
+            # statement timeout, as in the default mode. Engines connect lazily, so a process
+            # that forks (the run zygote) holds no connection to hand down.
+            for part in (storage.run_storage, storage.event_log_storage, storage.schedule_storage):
+                part.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=POOL_MAX_OVERFLOW)
+            return storage
         from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
 
         base_dir = config_value.get("base_dir") or os.path.join(os.environ["DAGSTER_HOME"], "storage")

@@ -65,6 +65,7 @@ class _Zygote:
         self.live: dict[str, int] = {}
         self._ready: dict[str, Any] | None = None
         self._on_exit = on_exit
+        self.instance_ref: str | None = None
         self._reader = threading.Thread(target=self._read, name="warm-launcher-zygote", daemon=True)
         self._reader.start()
         self._send(setup)
@@ -122,7 +123,13 @@ class _Zygote:
 
 
 class WarmRunLauncher(RunLauncher, ConfigurableClass):
-    """Launches runs as forks of a warm zygote process on the launcher's host (see module doc)."""
+    """Launches runs on run hosts forked from a warm zygote on the launcher's host (module doc)."""
+
+    # One set of zygotes per process: the daemon may build more than one launcher object (its
+    # threads load the instance's launcher lazily), and each would otherwise start its own.
+    _lock = threading.Lock()
+    _zygotes: dict[tuple, _Zygote] = {}
+    _retired: list[_Zygote] = []
 
     def __init__(
         self,
@@ -143,9 +150,6 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         self.runs_per_host = runs_per_host
         self.host_processes = host_processes or os.cpu_count() or 1
         self.max_runs_per_host = max_runs_per_host
-        self._lock = threading.Lock()
-        self._zygotes: dict[tuple, _Zygote] = {}
-        self._retired: list[_Zygote] = []
         self._hostname = socket.gethostname()
         super().__init__()
 
@@ -209,20 +213,21 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 logger.warning("WarmRunLauncher: code location %s unavailable; launching from the loaded code",
                                location_name)
                 server_id = _UNAVAILABLE
-        key = (location_name, server_id, serialize_value(origin))
+        instance_ref = self._instance_ref()
+        key = (instance_ref, location_name, server_id, serialize_value(origin))
         with self._lock:
-            self._retired = [z for z in self._retired if z.alive]
+            WarmRunLauncher._retired = [z for z in self._retired if z.alive]
             if server_id is _UNAVAILABLE:
-                key = next((k for k, z in self._zygotes.items() if k[0] == location_name and z.alive), key)
+                key = next((k for k, z in self._zygotes.items() if k[:2] == key[:2] and z.alive), key)
             zygote = self._zygotes.get(key)
             if zygote is not None and zygote.alive:
                 return zygote
-            for old_key in [k for k in self._zygotes if k[0] == location_name]:
+            for old_key in [k for k in self._zygotes if k[:2] == key[:2]]:
                 old = self._zygotes.pop(old_key)
                 old.close()
                 self._retired.append(old)
             setup = {
-                "instance_ref": serialize_value(self._instance.get_ref()),
+                "instance_ref": instance_ref,
                 "repository_origin": serialize_value(origin),
                 "preload_modules": self.preload_modules,
                 "pool_connections": self.pool_connections,
@@ -233,6 +238,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             }
             zygote = _Zygote(setup, getattr(origin.code_pointer, "working_directory", None), self.start_timeout_seconds,
                              on_exit=self._settle_exited)
+            zygote.instance_ref = instance_ref
             self._zygotes[key] = zygote
             return zygote
 
@@ -243,9 +249,16 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     # --- monitoring and termination ---------------------------------------------------------------
 
+    def _instance_ref(self) -> str:
+        if getattr(self, "_serialized_ref", None) is None:
+            self._serialized_ref = serialize_value(self._instance.get_ref())
+        return self._serialized_ref
+
     def _owned(self) -> list[_Zygote]:
+        """The zygotes of this launcher's instance (a test process holds several instances)."""
+        ref = self._instance_ref()
         with self._lock:
-            return [*self._zygotes.values(), *self._retired]
+            return [z for z in (*self._zygotes.values(), *self._retired) if z.instance_ref == ref]
 
     def _exit_code(self, run_id: str) -> int | None:
         for zygote in self._owned():

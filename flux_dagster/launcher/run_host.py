@@ -32,6 +32,7 @@ from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
 
 from flux_dagster import interrupts
+from flux_dagster.instance_storage import POOL_MAX_OVERFLOW
 from flux_dagster.launcher.worker_process import HOST_TAG, PID_TAG, START_TAG, process_start_ticks, worker_tags
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,6 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_PREFIX = "flux/run_host/"
 # A host whose heartbeat is older than this is taken for dead by a launcher on another machine.
 HEARTBEAT_STALE_S = 30.0
-# Extra pooled connections per storage (run, event) beyond the one kept open: the host's runs
-# write their events through them in turn (bench/: ~5 ms a write).
-POOL_MAX_OVERFLOW = 4
 
 
 def heartbeat_key(host: str, pid: int | str, start_ticks: int | str) -> str:
@@ -79,8 +77,8 @@ class RunHost:
 
     def __init__(self, instance, pool_connections: bool = True, poll_interval_s: float = 1.0):
         if pool_connections:
-            # The storage's pooled mode (the one dagster-webserver turns on), without its statement
-            # timeout: without it dagster-postgres opens a new connection for every event. A no-op
+            # Fresh pooled engines of the host's own (the storage's pooled mode, as every process
+            # gets from instance_storage.py), never connections inherited across the fork. A no-op
             # on SQLite.
             instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=POOL_MAX_OVERFLOW)
         self.instance = instance

@@ -47,6 +47,20 @@ class Run:
     worker_pid: int | None
 
 
+def dagster_runs(engine) -> list[Run]:
+    """Every run in the Dagster storage behind ``engine`` (Postgres), oldest first."""
+    query = text(
+        "SELECT r.run_id, r.status,"
+        " max(CASE WHEN t.key = 'flux/pending_execution_id' THEN t.value END),"
+        " max(CASE WHEN t.key = 'dagster/parent_run_id' THEN t.value END),"
+        " max(CASE WHEN t.key = :pid_tag THEN t.value END)"
+        " FROM runs r LEFT JOIN run_tags t ON t.run_id = r.run_id GROUP BY r.run_id, r.status, r.id ORDER BY r.id"
+    )
+    with engine.connect() as conn:
+        return [Run(run_id, status, pid, parent, int(wpid) if wpid else None)
+                for run_id, status, pid, parent, wpid in conn.execute(query, {"pid_tag": PID_TAG})]
+
+
 @dataclass
 class Outcome:
     """One row of the fault table."""
@@ -190,16 +204,7 @@ class World:
         return None
 
     def runs(self) -> list[Run]:
-        query = text(
-            "SELECT r.run_id, r.status,"
-            " max(CASE WHEN t.key = 'flux/pending_execution_id' THEN t.value END),"
-            " max(CASE WHEN t.key = 'dagster/parent_run_id' THEN t.value END),"
-            " max(CASE WHEN t.key = :pid_tag THEN t.value END)"
-            " FROM runs r LEFT JOIN run_tags t ON t.run_id = r.run_id GROUP BY r.run_id, r.status, r.id ORDER BY r.id"
-        )
-        with self._dagster_engine.connect() as conn:
-            return [Run(run_id, status, pid, parent, int(wpid) if wpid else None)
-                    for run_id, status, pid, parent, wpid in conn.execute(query, {"pid_tag": PID_TAG})]
+        return dagster_runs(self._dagster_engine)
 
     def runs_of(self, execution: Execution) -> list[Run]:
         return [r for r in self.runs() if r.pending_id == str(execution.pending_id)]

@@ -131,6 +131,17 @@ def tree(roots: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def tree_pss_mb(roots: list[psutil.Process]) -> float:
+    """The sum of PSS over the roots and their descendants: each shared page counted once."""
+    total = 0.0
+    for proc in tree(roots):
+        try:
+            total += proc.memory_full_info().pss / 2**20
+        except psutil.Error:
+            pass
+    return total
+
+
 def tree_cpu(roots: list[psutil.Process]) -> float:
     """CPU seconds used so far by the roots and every descendant, live or already reaped (a reaped
     process's time is in its parent's children_* counters, a live one's in its own)."""

@@ -19,7 +19,8 @@ Postgres, in one sitting:
 Figures: CPU-s per execution over every process of the deployment plus the Postgres backends
 serving its databases (not the rest of a shared server) (bursts of 200 at 50 ms, 2 s and 10 s LLM latency); time to drain each burst; peak executions in
 flight; peak Postgres server connections (``pg_stat_activity``); peak memory (sum of PSS) and
-the extra memory per execution in flight; sequential insert → COMPLETED p50 at low load.
+the extra memory per execution in flight (a last burst with a 60 s LLM, so that all of it is in
+flight at once); sequential insert → COMPLETED p50 at low load.
 Results go to ``bench/results/peer-<time>.json`` and ``.md`` (git-ignored).
 """
 
@@ -37,10 +38,11 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import REPO, deployment, in_flight_llm, tree, tree_cpu, tree_cpu_by_kind
+from bench.harness import REPO, deployment, in_flight_llm, tree_cpu, tree_cpu_by_kind, tree_pss_mb
 
 TERMINAL = ("completed", "failed", "cancelled")
 LATENCIES = {"50ms": 0.05, "2s": 2.0, "10s": 10.0}
+IN_FLIGHT_LATENCY_S = 60.0
 
 
 def _ts(value) -> float:
@@ -71,13 +73,7 @@ class PeakSampler:
         self._thread.start()
 
     def pss_now(self) -> float:
-        total = 0.0
-        for proc in tree(self.roots):
-            try:
-                total += proc.memory_full_info().pss / 2**20
-            except psutil.Error:
-                pass
-        return total
+        return tree_pss_mb(self.roots)
 
     def postgres_cpu(self) -> float:
         """CPU-s of the Postgres backends serving the deployment's databases, live or gone (their
@@ -208,6 +204,14 @@ def measure_ours(quick: bool) -> dict:
                         "postgres backends": round((pg1 - pg0) / n_done, 3)}
                     out["drain_s"][name] = max(_ts(r.finished_at) for r in done) - started if done else None
                     time.sleep(2)
+                # Capacity: how many executions this machine holds in flight at once. An LLM that
+                # answers after a minute, so that every execution of the burst is started before the
+                # first one ends (starting one costs CPU; 2 cores start a few per second).
+                llm.latency_s, llm.peak_open = IN_FLIGHT_LATENCY_S, 0
+                sampler.reset()
+                print(f"[ours] burst of {burst}, {IN_FLIGHT_LATENCY_S:.0f} s LLM (in flight)", flush=True)
+                rows = ours.wait(ours.insert(burst), 900, poll_s=0.5)
+                out["completed"]["in_flight"] = sum(r.status == "completed" for r in rows)
                 out["peak_in_flight"] = llm.peak_open  # LLM requests open at once, as for the peer
                 out["peak_running_rows"] = sampler.in_flight
                 out["peak_pg_connections"] = sampler.connections
@@ -276,7 +280,8 @@ def _ratio(ours, peer) -> str:
 
 
 def table(ours: dict, peer: dict, peer_note: str) -> str:
-    lines = [f"Burst size {ours['burst']}. Peer: {peer_note}.", "",
+    lines = [f"Bursts of {ours['burst']}; flux-dagster's in-flight, connection and memory peaks are from its burst "
+             f"with a {IN_FLIGHT_LATENCY_S:.0f} s LLM. Peer: {peer_note}.", "",
              "| figure | Temporal peer | flux-dagster | ratio |", "|---|---|---|---|"]
     for label, path, spec in ROWS:
         o, p = _get(ours, path), _get(peer, path)

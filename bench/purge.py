@@ -1,16 +1,25 @@
-"""Purge rate on a synthetic history, and the latency a running deployment sees during a purge.
+"""Purge rate on a synthetic history of 100,000 runs, and the latency a running deployment sees
+during the purge (Postgres storage, as in production).
 
-    .venv/bin/python -m bench.purge                      # 100,000 runs, SQLite and Postgres
-    .venv/bin/python -m bench.purge --runs 2000 --storage sqlite   # a quick look
+    .venv/bin/python -m bench.purge                     # 100,000 runs
+    .venv/bin/python -m bench.purge --runs 5000 --live-min 5    # a quick look
 
-Per storage: a real code server + daemon (``bench/harness.py``), then a synthetic history written
-fast through the instance's storages (``seed_history``: finished runs with the sensor's tags and
-``--events-per-run`` events each, their terminal ``pending_executions`` rows and notifications),
-then:
+A real code server + daemon (``bench/harness.py``) on fresh databases, one real execution (the
+warm-up), then:
 
-1. live latency: ``--live-n`` sequential executions (insert → COMPLETED), before the purge;
-2. the purge of that whole history (``flux_dagster.purge.purge_history``, batches of 500) in a
-   thread, while the same number of executions run, and its rate in runs/s and rows/s.
+1. **seeding**: the warm-up's run copied ``--runs`` times in Postgres itself (``seed_history``):
+   its ``runs`` row with a new run id, its tags, and its events except the run-lifecycle ones
+   (``PIPELINE_*``: copied, they would feed 100,000 finished runs to the run-status sensors), each
+   copy's run id written into the serialized run and events; and one terminal
+   ``pending_executions`` row and one published ``status_notifications`` row per run in the app
+   DB. Rows as Dagster wrote them, at ``INSERT … SELECT`` speed (``add_run``/``store_event`` per
+   row would take hours);
+2. **before**: ``--live-min`` sequential executions (insert → COMPLETED) and the storage reads of
+   the UI's runs page (``get_runs(limit=25)`` + ``get_runs_count``);
+3. **during**: ``flux-dagster purge --older-than-days D --yes`` as a subprocess, D putting the
+   cutoff just after the history (the live executions are newer, so they stay), while
+   executions and the same reads go on until it exits. The rate comes from the runs left,
+   counted at every read.
 
 Results: ``bench/results/purge.json`` and a markdown table on stdout (docs/performance.md, "Purge").
 """
@@ -20,184 +29,248 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 
-from bench.harness import REPO, Sampler, deployment
+from bench.harness import BIN, REPO, Sampler, deployment
 from bench.run import Bench, pct
 
-# What a real execution's run carries (sensor tags) and roughly what its events look like.
-RUN_TAGS = ("flux/pending_execution_id", "flux/exec_id", "flux/flow_id", "flux/node_id", "flux/user_id",
-            "flux/node_type", "dagster/priority")
+SEED_BATCH = 5000  # runs per transaction while seeding
 
 
-def seed_history(instance, app_url: str, runs: int, events_per_run: int) -> float:
-    """Finished runs with tags and events, plus their rows; returns the seconds it took.
+def seed_history(bench: Bench, template_run_id: str, runs: int, events_per_run: int | None) -> dict:
+    """``runs`` copies of the template run (see the module doc); returns counts and seconds."""
+    from dagster._core.events import PIPELINE_EVENTS
+    from sqlalchemy import bindparam, insert, inspect, select, text
 
-    Fast: runs, tags and (Postgres) events go in as multi-row inserts through the storages' own
-    connections and row builders (``add_run`` and ``store_event`` open a connection per call,
-    hours for 100,000 runs). On SQLite each run's events live in their own file: the first run's
-    file is written through ``store_event``, the others are copies of it with their run id."""
-    from dagster import DagsterRun, DagsterRunStatus
-    from dagster._core.events.log import EventLogEntry
-    from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
-    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-    from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
+    from flux_dagster.db.engine import session_scope
+    from flux_dagster.db.models import PendingExecution, StatusNotification
 
+    lifecycle = sorted(e.value for e in PIPELINE_EVENTS)
+    limit = "" if events_per_run is None else f"LIMIT {int(events_per_run)}"
+    copy_run = text("""
+        INSERT INTO runs (run_id, snapshot_id, pipeline_name, mode, status, run_body, partition, partition_set,
+                          create_timestamp, update_timestamp, start_time, end_time, backfill_id)
+        SELECT n.run_id, r.snapshot_id, r.pipeline_name, r.mode, r.status,
+               replace(replace(r.run_body, :template, n.run_id), :template_exec, n.exec_id),
+               r.partition, r.partition_set, r.create_timestamp, r.update_timestamp, r.start_time, r.end_time,
+               r.backfill_id
+        FROM runs r, unnest(CAST(:run_ids AS text[]), CAST(:exec_ids AS text[])) AS n(run_id, exec_id)
+        WHERE r.run_id = :template""")
+    copy_tags = text("""
+        INSERT INTO run_tags (run_id, key, value)
+        SELECT n.run_id, t.key, CASE t.key WHEN 'flux/pending_execution_id' THEN n.pending_id
+                                           WHEN 'flux/exec_id' THEN n.exec_id ELSE t.value END
+        FROM run_tags t,
+             unnest(CAST(:run_ids AS text[]), CAST(:pending_ids AS text[]), CAST(:exec_ids AS text[]))
+                 AS n(run_id, pending_id, exec_id)
+        WHERE t.run_id = :template""")
+    copy_events = text(f"""
+        INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition)
+        SELECT n.run_id, replace(e.event, :template, n.run_id), e.dagster_event_type, e.timestamp, e.step_key,
+               e.asset_key, e.partition
+        FROM unnest(CAST(:run_ids AS text[])) WITH ORDINALITY AS n(run_id, i),
+             (SELECT * FROM event_logs WHERE run_id = :template
+                AND coalesce(dagster_event_type, '') NOT IN :lifecycle ORDER BY id {limit}) AS e
+        ORDER BY n.i, e.id""").bindparams(bindparam("lifecycle", value=lifecycle, expanding=True))
+
+    with session_scope(bench.dep.app_url) as s:
+        template_row = s.scalars(select(PendingExecution).where(
+            PendingExecution.dagster_run_id == template_run_id)).one()
+        template = {a.key: getattr(template_row, a.key) for a in inspect(PendingExecution).column_attrs
+                    if a.key not in ("id", "exec_id", "user_id", "dagster_run_id")}
+        template_exec = template_row.exec_id
+    storage = bench.instance.run_storage
+    started, events = time.monotonic(), 0
+    for first in range(0, runs, SEED_BATCH):
+        n = min(SEED_BATCH, runs - first)
+        exec_ids = [str(uuid.uuid4()) for _ in range(n)]
+        run_ids = [str(uuid.uuid4()) for _ in range(n)]
+        with session_scope(bench.dep.app_url) as s:
+            pending = s.execute(
+                insert(PendingExecution).returning(PendingExecution.id, sort_by_parameter_order=True),
+                [{**template, "exec_id": e, "user_id": "history", "dagster_run_id": r}
+                 for e, r in zip(exec_ids, run_ids)]).scalars().all()
+            s.execute(insert(StatusNotification),
+                      [{"room": "room_user_history", "exec_id": e, "status": "COMPLETED", "payload": {},
+                        "created_at": template["finished_at"], "published_at": template["finished_at"]}
+                       for e in exec_ids])
+        params = {"template": template_run_id, "template_exec": template_exec, "run_ids": run_ids,
+                  "exec_ids": exec_ids, "pending_ids": [str(p) for p in pending]}
+        with storage.connect() as conn:
+            conn.execute(copy_run, params)
+            conn.execute(copy_tags, params)
+            events += conn.execute(copy_events, params).rowcount
+        print(f"  seeded {first + n}/{runs} runs, {events} events ({time.monotonic() - started:.0f} s)", flush=True)
+    # Planner statistics, as autovacuum keeps them on a production server (it is off on this
+    # machine's): without them Postgres takes the history's tables for empty and plans the
+    # purge's deletes by run id as scans of the whole event log (minutes per batch).
+    with storage.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+    with session_scope(bench.dep.app_url) as s:
+        s.execute(text("ANALYZE"))
+    return {"runs": runs, "events": events, "seconds": time.monotonic() - started}
+
+
+class Reads:
+    """What the UI's runs page asks the storage (the 25 newest runs and the count), timed, in a
+    thread, once a second; the count of runs older than the cutoff gives the purge's progress."""
+
+    def __init__(self, instance, cutoff: datetime):
+        from dagster import RunsFilter
+
+        self.instance, self.old = instance, RunsFilter(updated_before=cutoff)
+        self.samples: list[tuple[float, float, int]] = []  # (monotonic, seconds, old runs left)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from dagster import RunsFilter
+
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            self.instance.get_runs(limit=25)
+            self.instance.get_runs_count(RunsFilter())
+            elapsed = time.monotonic() - t0
+            self.samples.append((t0, elapsed, self.instance.get_runs_count(self.old)))
+            self._stop.wait(max(0.0, 1.0 - elapsed))
+
+    def take(self) -> list[tuple[float, float, int]]:
+        taken, self.samples = self.samples, []
+        return taken
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50_s": pct(values, 50), "p95_s": pct(values, 95),
+            "max_s": max(values) if values else None}
+
+
+def live(bench: Bench, rng: random.Random, go_on: Callable[[int], bool]) -> tuple[list[float], int]:
+    """Sequential executions (a random gap of up to 2 s before each) while ``go_on(done)``;
+    returns their insert → COMPLETED latencies and how many failed or timed out."""
+    latencies, failed, done = [], 0, 0
+    while go_on(done):
+        out = bench.sequential(1, 0.05, 2.0, rng)
+        latencies += [s["to_completed"] for s in out["samples"]]
+        failed += out["failed_or_timed_out"]
+        done += 1
+    return latencies, failed
+
+
+def run(runs: int, events_per_run: int | None, live_min: int, seed: int) -> dict:
     from flux_dagster import demo
     from flux_dagster.db.engine import session_scope
-    from flux_dagster.db.models import PendingExecution, StatusNotification, utcnow
-
-    run_storage, event_storage = instance.run_storage, instance.event_log_storage
-    sqlite_events = isinstance(event_storage, SqliteEventLogStorage)
-    template: str | None = None
-    started = time.monotonic()
-    batch = 1000
-    for first in range(0, runs, batch):
-        n = min(batch, runs - first)
-        now = utcnow()
-        with session_scope(app_url) as s:
-            rows = [PendingExecution(kind="node", exec_id=str(uuid.uuid4()), flow_id=demo.DEMO_FLOW, node_id="summarize",
-                                     user_id="history", status="completed", created_at=now, finished_at=now)
-                    for _ in range(n)]
-            s.add_all(rows)
-            s.add_all(StatusNotification(room="room_user_history", exec_id=r.exec_id, status="COMPLETED",
-                                         payload={}, created_at=now) for r in rows)
-            s.flush()
-            ids = [(r.id, r.exec_id) for r in rows]
-        dagster_runs = [
-            DagsterRun(job_name="process_single_node", run_id=str(uuid.uuid4()), status=DagsterRunStatus.SUCCESS,
-                       tags=dict(zip(RUN_TAGS, (str(pending_id), exec_id, demo.DEMO_FLOW, "summarize", "history",
-                                                "commandTextNode", "0"))))
-            for pending_id, exec_id in ids
-        ]
-        with run_storage.connect() as conn:
-            conn.execute(RunsTable.insert(), [run_storage._get_run_insertion_values(r, now) for r in dagster_runs])
-            conn.execute(RunTagsTable.insert(), [dict(run_id=r.run_id, key=k, value=v)
-                                                 for r in dagster_runs for k, v in r.tags.items()])
-        entries = {r.run_id: [EventLogEntry(error_info=None, level=20, user_message=f"synthetic event {i}",
-                                            run_id=r.run_id, timestamp=time.time(), step_key="text_generator",
-                                            job_name="process_single_node", dagster_event=None)
-                              for i in range(events_per_run)] for r in dagster_runs}
-        if sqlite_events:
-            for run_id, events in entries.items():
-                if template is None:
-                    for event in events:
-                        event_storage.store_event(event)
-                    template = event_storage.path_for_shard(run_id)
-                    with sqlite3.connect(template) as db:
-                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                    continue
-                shard = event_storage.path_for_shard(run_id)
-                shutil.copyfile(template, shard)
-                with sqlite3.connect(shard) as db:
-                    db.execute("PRAGMA synchronous = OFF")  # a bench fixture: no need to survive a crash
-                    db.execute("UPDATE event_logs SET run_id = ?", (run_id,))
-        elif events_per_run:
-            with event_storage.index_connection() as conn:
-                conn.execute(SqlEventLogStorageTable.insert(),
-                             [event_storage._event_to_row(e) for events in entries.values() for e in events])
-        print(f"  seeded {first + n}/{runs} runs ({time.monotonic() - started:.0f} s)", flush=True)
-    return time.monotonic() - started
-
-
-def latency(bench: Bench, n: int, rng: random.Random) -> dict:
-    out = bench.sequential(n, 0.05, 0.5, rng)
-    values = [s["to_completed"] for s in out["samples"]]
-    return {"n": n, "failed_or_timed_out": out["failed_or_timed_out"], "p50_s": pct(values, 50),
-            "p95_s": pct(values, 95), "max_s": max(values) if values else None}
-
-
-def run_storage(storage: str, runs: int, events_per_run: int, live_n: int, seed: int) -> dict:
-    from flux_dagster import demo
-    from flux_dagster.db.engine import session_scope
-    from flux_dagster.db.models import utcnow
-    from flux_dagster.purge import count_purgeable, purge_history
+    from flux_dagster.db.models import PendingExecution
     from flux_dagster_tests.fakes.llm import FakeLlm
 
     rng = random.Random(seed)
     with FakeLlm(latency_s=0.05) as llm:
         env_extra = {"OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": f"{llm.url}/v1"}
-        with deployment("ours", storage, env_extra, use_pgbouncer=False) as dep:
+        with deployment("ours", "postgres", env_extra, use_pgbouncer=False) as dep:
             with session_scope(dep.app_url) as s:
                 demo.seed(s)
             sampler = Sampler(dep.roots)
             try:
-                bench = Bench(dep, llm, sampler, pg=storage == "postgres")
-                # As `flux-dagster purge` does (run workers, where the job runs, are pooled already).
+                bench = Bench(dep, llm, sampler, pg=True)
                 bench.instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=2)
-                print(f"[{storage}] warming up", flush=True)
+                print("warming up (the template run)", flush=True)
                 bench.warm_up()
-                print(f"[{storage}] seeding {runs} runs x {events_per_run} events", flush=True)
-                seed_s = seed_history(bench.instance, dep.app_url, runs, events_per_run)
-                cutoff = utcnow()
                 with session_scope(dep.app_url) as s:
-                    planned = count_purgeable(bench.instance, s, cutoff, redis_configured=False)
-                print(f"[{storage}] live latency before the purge", flush=True)
-                before = latency(bench, live_n, rng)
+                    row = s.query(PendingExecution).filter(PendingExecution.status == "completed").one()
+                    template_run_id, cutoff = row.dagster_run_id, row.finished_at
+                cutoff = (cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=timezone.utc))
+                template_run = bench.instance.get_run_record_by_id(template_run_id)
+                # Just after the history (every copy carries the template's timestamps).
+                cutoff = max(cutoff, template_run.update_timestamp.replace(tzinfo=timezone.utc)) + timedelta(seconds=1)
+                print(f"seeding {runs} copies of run {template_run_id}", flush=True)
+                seeded = seed_history(bench, template_run_id, runs, events_per_run)
+                with bench.instance.run_storage.connect() as conn:
+                    db_bytes = conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar()
 
-                result: dict = {}
+                reads = Reads(bench.instance, cutoff)
+                print("live latency before the purge", flush=True)
+                before, failed_before = live(bench, rng, lambda done: done < live_min)
+                reads_before = reads.take()
 
-                def purge() -> None:
-                    t0 = time.monotonic()
-                    done = purge_history(bench.instance, lambda: session_scope(dep.app_url), cutoff,
-                                         redis_configured=False)
-                    result.update(seconds=time.monotonic() - t0, runs=done.runs,
-                                  rows=done.pending_executions + done.status_notifications)
-
-                print(f"[{storage}] purging, live latency during the purge", flush=True)
-                thread = threading.Thread(target=purge)
-                thread.start()
-                during = latency(bench, live_n, rng)
-                still_purging = thread.is_alive()
-                thread.join()
+                # The CLI computes its cutoff when it starts, a little after this one: still before
+                # the live executions, which all started after the seeding.
+                days = (datetime.now(timezone.utc) - cutoff).total_seconds() / 86400
+                print(f"purging: flux-dagster purge --older-than-days {days:.6f} --yes", flush=True)
+                log = dep.workdir / "purge.log"
+                t0 = time.monotonic()
+                with open(log, "w") as out:
+                    purge = subprocess.Popen([BIN / "flux-dagster", "purge", "--older-than-days", f"{days:.8f}",
+                                              "--yes"], env=dep.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                    during, failed_during = live(bench, rng, lambda done: purge.poll() is None)
+                    purge.wait()
+                purge_s = time.monotonic() - t0
+                reads_during = reads.take()
+                reads.stop()
+                output = log.read_text()
+                assert purge.returncode == 0, output[-3000:]
+                # The runs phase: from the CLI's start to the first read seeing no old run left
+                # (reads are a second apart); the first read seeing runs gone tells the CLI's own start.
+                first = next((t for t, _, left in reads_during if left < runs + 1), t0)
+                last = next((t for t, _, left in reads_during if left == 0), t0 + purge_s)
                 return {
-                    "storage": storage, "runs": runs, "events_per_run": events_per_run,
-                    "seed_s": seed_s, "planned_runs": planned.runs, "purged_runs": result["runs"],
-                    "purged_rows": result["rows"], "purge_s": result["seconds"],
-                    "runs_per_s": result["runs"] / result["seconds"],
-                    "latency_before": before, "latency_during": during,
-                    "purge_outlasted_live_sample": still_purging,
+                    "runs": runs, "events": seeded["events"], "events_per_run": seeded["events"] / runs,
+                    "seed_s": seeded["seconds"], "db_bytes_seeded": db_bytes,
+                    "purge_output": output.strip().splitlines()[-1], "purge_s": purge_s,
+                    "cli_start_s": first - t0, "runs_phase_s": last - t0, "runs_per_s": runs / (last - t0),
+                    "runs_left": bench.instance.get_runs_count(reads.old),
+                    "live_before": {**summary(before), "failed": failed_before},
+                    "live_during": {**summary(during), "failed": failed_during},
+                    "reads_before": summary([s for _, s, _ in reads_before]),
+                    "reads_during": summary([s for _, s, _ in reads_during]),
+                    "progress": [(round(t - t0, 1), n) for t, _, n in reads_during][::10],
                 }
             finally:
                 sampler.stop()
 
 
-def markdown(results: list[dict], command: str) -> str:
-    lines = [f"`{command}`", "",
-             "| storage | runs × events | purge time | runs/s | rows deleted | live p50 / p95 before | during |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        b, d = r["latency_before"], r["latency_during"]
-        lines.append(
-            f"| {r['storage']} | {r['purged_runs']:,} × {r['events_per_run']} | {r['purge_s']:.0f} s | "
-            f"{r['runs_per_s']:.0f} | {r['purged_rows']:,} | {b['p50_s']:.2f} / {b['p95_s']:.2f} s | "
-            f"{d['p50_s']:.2f} / {d['p95_s']:.2f} s |"
-        )
-    return "\n".join(lines)
+def markdown(r: dict, command: str) -> str:
+    def lat(s: dict) -> str:
+        return f"{s['p50_s']:.2f} / {s['p95_s']:.2f} / {s['max_s']:.2f} s ({s['n']})"
+
+    return "\n".join([
+        f"`{command}`", "",
+        "| figure | value |", "|---|---|",
+        f"| history | {r['runs']:,} runs, {r['events']:,} events ({r['events_per_run']:.0f} per run), "
+        f"{r['db_bytes_seeded'] / 2**30:.1f} GiB Dagster DB; seeded in {r['seed_s']:.0f} s |",
+        f"| purge, runs phase (incl. the CLI's start, ~{r['cli_start_s']:.0f} s) | {r['runs_phase_s']:.0f} s: "
+        f"**{r['runs_per_s']:.0f} runs/s** |",
+        f"| purge, whole command (runs, then 2 × {r['runs']:,} app rows) | {r['purge_s']:.0f} s: {r['purge_output']} |",
+        f"| live insert → COMPLETED before, p50 / p95 / max (n) | {lat(r['live_before'])} |",
+        f"| same, during the purge | {lat(r['live_during'])} |",
+        f"| runs-page storage reads before, p50 / p95 / max (n) | {lat(r['reads_before'])} |",
+        f"| same, during the purge | {lat(r['reads_during'])} |",
+    ])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--sqlite-runs", type=int, default=None,
-                        help="runs for SQLite (default --runs)")
-    parser.add_argument("--events-per-run", type=int, default=10)
-    parser.add_argument("--storage", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
-    parser.add_argument("--live-n", type=int, default=30, help="sequential executions measured before and during")
+    parser.add_argument("--events-per-run", type=int, default=None,
+                        help="copy only the template's first N events (default: all but the run-lifecycle ones)")
+    parser.add_argument("--live-min", type=int, default=20, help="sequential executions measured before the purge")
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args(argv)
-    results = [run_storage(s, args.sqlite_runs or args.runs if s == "sqlite" else args.runs, args.events_per_run,
-                           args.live_n, args.seed) for s in args.storage]
+    result = run(args.runs, args.events_per_run, args.live_min, args.seed)
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "purge.json").write_text(json.dumps(results, indent=2, default=str))
-    command = "python -m bench.purge " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    print(markdown(results, command.strip()))
+    (out / "purge.json").write_text(json.dumps(result, indent=2, default=str))
+    command = "python -m bench.purge " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(markdown(result, command.strip()))
 
 
 if __name__ == "__main__":

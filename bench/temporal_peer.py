@@ -400,17 +400,9 @@ class _Peaks:
         self._thread.start()
 
     def pss_now(self) -> float:
-        import psutil
+        from bench.harness import tree_pss_mb
 
-        from bench.harness import tree
-
-        total = 0.0
-        for proc in tree(self.roots):
-            try:
-                total += proc.memory_full_info().pss / 2**20
-            except psutil.Error:
-                pass
-        return total
+        return tree_pss_mb(self.roots)
 
     def _run(self) -> None:
         from sqlalchemy import text

@@ -19,7 +19,8 @@ at a time:
   on ``PRAGMA foreign_keys``): deleted explicitly.
 - the SQLite event log's per-run file ``<storage>/history/runs/<run_id>.db``: removed (opening
   it to empty it would first run Dagster's schema check on it, most of a second per run).
-- compute logs: ``compute_log_manager.delete_logs(prefix=[run_id])`` (keys are
+- compute logs, when a capturing compute log manager is configured (the repository's
+  dagster.yaml captures none): ``compute_log_manager.delete_logs(prefix=[run_id])`` (keys are
   ``[run_id, "compute_logs", step]``).
 - step outputs of the default ``fs_io_manager``: ``<storage>/<run_id>/``.
 

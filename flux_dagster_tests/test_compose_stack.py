@@ -30,7 +30,12 @@ import pytest
 
 from flux_dagster_tests.test_e2e_daemon import free_port
 
-pytestmark = [pytest.mark.compose, pytest.mark.timeout(3600)]
+# Generous waits, each overridable: this 2-core machine is shared and at times saturated (load
+# averages of 50+), where a stack start or a run worker's start takes minutes.
+UP_TIMEOUT_S = float(os.environ.get("FLUX_COMPOSE_UP_TIMEOUT_S", 900))  # `up` until both UIs answer
+RUN_TIMEOUT_S = float(os.environ.get("FLUX_COMPOSE_RUN_TIMEOUT_S", 1800))  # enqueue until all terminal
+
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(int(3600 + 2 * UP_TIMEOUT_S + 2 * RUN_TIMEOUT_S))]
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
@@ -158,7 +163,7 @@ class Stack:
 
     def up(self) -> None:
         self.compose("up", "-d", "--no-build")
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + UP_TIMEOUT_S
         while True:
             try:
                 statuses = {self.request(port, "/graphql", auth, {"query": "{ version }"})[0]
@@ -170,8 +175,8 @@ class Stack:
             assert time.monotonic() < deadline, self.logs()
             time.sleep(2)
 
-    def logs(self) -> str:
-        return self.compose("logs", "--no-color", "--tail", "60", check=False).stdout[-12000:]
+    def logs(self, *services: str, tail: int = 60) -> str:
+        return self.compose("logs", "--no-color", "--tail", str(tail), *services, check=False).stdout[-20000:]
 
     def request(self, port: int, path: str = "/", auth: tuple[str, str] | None = None, body: dict | None = None):
         headers = {"Content-Type": "application/json"}
@@ -202,13 +207,19 @@ def stack(images):
     finally:
         WORK.mkdir(parents=True, exist_ok=True)
         (WORK / "compose.log").write_text(stack.compose("logs", "--no-color", check=False).stdout)
-        stack.compose("down", "-v", "--remove-orphans", check=False)
+        with timed("teardown: down -v"):
+            stack.compose("down", "-v", "--remove-orphans", check=False)
 
 
 # ----- the checks ------------------------------------------------------------------------------------
 
 
 def test_the_ui_needs_a_password(stack):
+    with timed("check: 401 without credentials, UIs with them"):
+        the_ui_needs_a_password(stack)
+
+
+def the_ui_needs_a_password(stack):
     for port in (stack.ui_port, stack.viewer_port):
         status, _ = stack.request(port)
         assert status == 401
@@ -304,15 +315,45 @@ def enqueue(stack: Stack, *executions: list[str]) -> None:
     stack.compose("exec", "-T", "flux_dagster_user_code", "sh", "-ec", " && ".join(commands))
 
 
-def wait_terminal(stack: Stack, count: int, timeout_s: float = 900) -> dict:
-    deadline = time.monotonic() + timeout_s
+def wait_terminal(stack: Stack, count: int) -> dict:
+    """The app DB's rows once ``count`` are there and all terminal; every one completed, else
+    the failure explained (``explain``)."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     while True:
         state = stack.python(STATE)
         statuses = [row[1] for row in state["rows"].values()]
         if len(statuses) >= count and all(s in ("completed", "failed", "cancelled") for s in statuses):
-            return state
-        assert time.monotonic() < deadline, (statuses, stack.logs())
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"not all terminal after {RUN_TIMEOUT_S:.0f} s:\n{explain(stack, state)}")
         time.sleep(3)
+    if any(row[1] != "completed" for row in state["rows"].values()):
+        pytest.fail(f"not all completed:\n{explain(stack, state)}")
+    return state
+
+
+RUN_EVENTS = """{ logsForRun(runId: "%s") { ... on EventConnection { events {
+    __typename ... on MessageEvent { message level } } } } }"""
+
+
+def explain(stack: Stack, state: dict) -> str:
+    """Every execution not completed: its row, its Dagster run's warnings and errors, and the
+    daemon's log (where run workers start and print); also written to ``failures.txt``."""
+    parts = []
+    for row_id, (node, status, error, run_id) in state["rows"].items():
+        if status == "completed":
+            continue
+        parts.append(f"execution {row_id} ({node}): {status}, error={error!r}, run {run_id}")
+        if run_id:
+            events = stack.graphql(RUN_EVENTS % run_id)["data"]["logsForRun"].get("events") or []
+            parts += [f"  {e['__typename']} {e.get('level')}: {(e.get('message') or '')[:2000]}"
+                      for e in events if e.get("level") in ("WARNING", "ERROR", "CRITICAL")
+                      or e["__typename"] in ("EngineEvent", "RunFailureEvent", "ExecutionStepFailureEvent")]
+    text = "\n".join(parts + ["--- daemon log ---", stack.logs("flux_dagster_daemon", tail=400),
+                              "--- user code log ---", stack.logs("flux_dagster_user_code", tail=100)])
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "failures.txt").write_text(text)
+    return text[-30000:]
 
 
 def test_every_node_type_runs_and_history_files_and_rows_survive_a_restart(stack):
@@ -328,8 +369,6 @@ def test_every_node_type_runs_and_history_files_and_rows_survive_a_restart(stack
                 ["--flow", DEMO_AGENT_FLOW, "--kind", "agent"])
         before = wait_terminal(stack, len(NODES) + 1)
 
-    failed = {row[0]: row[2] for row in before["rows"].values() if row[1] != "completed"}
-    assert failed == {}, failed
     nodes = before["nodes"]
     assert nodes["python-script"]["result"] == {"sum": 42, "proc": False}  # the container profile
     assert nodes["js-script"]["result"] == [2, 4, 6]
@@ -354,19 +393,24 @@ def test_every_node_type_runs_and_history_files_and_rows_survive_a_restart(stack
     assert stack.python(FILES, service="flux_dagster_daemon") == files_before
     runs_after = stack.graphql(RUNS)["data"]["runsOrError"]["results"]
     assert sorted(r["runId"] for r in runs_after) == sorted(r["runId"] for r in runs_before)
-    # The compute logs (run storage volume) are still there for the UI.
+    # The event logs (Postgres volume) are still there for the UI.
     run_id = runs_after[0]["runId"]
     logs = stack.graphql(f'{{ logsForRun(runId: "{run_id}") {{ ... on EventConnection {{ events {{ __typename }} }} }} }}')
     assert len(logs["data"]["logsForRun"]["events"]) > 10
 
-    # And the worker still works after the restart.
-    enqueue(stack, ["--flow", FLOW, "--node", "python-script"])
-    again = wait_terminal(stack, len(NODES) + 2)
-    assert [row[1] for row in again["rows"].values()].count("completed") == len(NODES) + 2
+    # And the worker still works after the restart, a script among the executions.
+    with timed("after the restart: a script and a math function, enqueue → completed"):
+        enqueue(stack, ["--flow", FLOW, "--node", "js-script"], ["--flow", FLOW, "--node", "math"])
+        wait_terminal(stack, len(NODES) + 3)
 
 
 def test_prometheus_scrapes_the_worker(stack):
-    deadline = time.monotonic() + 90
+    with timed("check: Prometheus scrapes the worker"):
+        prometheus_scrapes_the_worker(stack)
+
+
+def prometheus_scrapes_the_worker(stack):
+    deadline = time.monotonic() + UP_TIMEOUT_S
     while True:
         status, text = stack.request(stack.prometheus_port, "/api/v1/targets")
         targets = {t["labels"]["job"]: t["health"] for t in json.loads(text)["data"]["activeTargets"]} \

@@ -1,6 +1,7 @@
 """``PromptRunCoordinator``: a submitted run is launched at once while there is room and nothing is
 queued; past ``max_concurrent_runs`` or a tag limit, or behind a queued run, it is queued as with
-Dagster's ``QueuedRunCoordinator``. Runs are launched by Dagster's ``MockedRunLauncher`` (no process)."""
+Dagster's ``QueuedRunCoordinator``; runs not requested by a sensor, and re-executions, are always
+queued (the webserver may submit those). Runs are launched by Dagster's ``MockedRunLauncher`` (no process)."""
 
 import pytest
 from dagster import DagsterRunStatus, instance_for_test
@@ -29,7 +30,8 @@ def instance():
 ORIGIN = RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("a_location"), "a_repository"), "a_job")
 
 
-def submit(instance, **tags):
+def submit(instance, sensor="pending_executions_sensor", **tags):
+    tags = {**({"dagster/sensor_name": sensor} if sensor else {}), **tags}
     run = create_run_for_test(instance, job_name="a_job", tags=tags, remote_job_origin=ORIGIN)
     # The workspace only travels to the launcher, which the mocked one ignores.
     return instance.run_coordinator.submit_run(SubmitRunContext(run, workspace=object())).status
@@ -47,3 +49,12 @@ def test_a_tag_limit_queues_and_a_queued_run_goes_first(instance):
     assert submit(instance, **{"flux/node_type": "agent"}) == DagsterRunStatus.QUEUED  # agent limit 1
     # Room for one more run overall, but a run is queued: this one waits behind it.
     assert submit(instance, **{"flux/node_type": "commandTextNode"}) == DagsterRunStatus.QUEUED
+
+
+def test_a_run_not_requested_by_a_sensor_is_queued(instance):
+    """Those may be submitted by the webserver: the daemon launches them, on its run hosts."""
+    assert submit(instance, sensor=None) == DagsterRunStatus.QUEUED
+
+
+def test_a_re_execution_is_queued(instance):
+    assert submit(instance, **{"dagster/parent_run_id": "an-earlier-run"}) == DagsterRunStatus.QUEUED

@@ -3,7 +3,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: dev test test-slow bench bench-peer faults system-deps compose-test
+.PHONY: dev test test-slow test-multihost bench bench-peer faults system-deps compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(VENV)/.installed system-deps
 # Minutes-long checks left out of `make test` (e.g. Ctrl-C on a real `flux-dagster dev`).
 test-slow: $(VENV)/.installed system-deps
 	$(VENV)/bin/pytest -m slow
+
+# Two Celery run workers on the machine's RabbitMQ, one SIGKILLed mid-burst (docs/multi-host.md:
+# 1-4 minutes; out of `make test` while a run retry can still fail after an unlucky kill).
+test-multihost: $(VENV)/.installed system-deps
+	$(VENV)/bin/pytest -m multihost -s flux_dagster_tests/test_e2e_celery.py
 
 # psutil samples the processes; pgbouncer pools Postgres connections in the "ours" set-up.
 # BENCH_ARGS: e.g. --quick, --storage postgres (see bench/run.py).

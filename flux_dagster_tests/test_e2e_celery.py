@@ -38,6 +38,7 @@ from flux_dagster.db.models import Flow, FlowNode, TokenLedgerEntry
 from flux_dagster.interrupts import interruptible
 from flux_dagster.launcher.celery_launcher import TASK_NAME, CeleryRunLauncher
 from flux_dagster.launcher.worker_process import HOST_TAG, PID_TAG, START_TAG
+from flux_dagster_tests.conftest import add_flow, enqueue_agent
 from flux_dagster_tests.deployment import BIN, REPO, Deployment, postgres_database, wait_terminal
 from flux_dagster_tests.fakes.code_location import quick_job, slow_job
 from flux_dagster_tests.faults.harness import dagster_runs
@@ -263,6 +264,18 @@ def test_a_run_a_dead_worker_had_taken_is_executed(celery_instance):
     assert finished.status == DagsterRunStatus.SUCCESS and finished.tags[PID_TAG] == str(worker.pid)
 
 
+def test_a_multiprocess_run_outlives_its_worker_and_is_still_terminable(tmp_path):
+    """Its process is in a session of its own, with a run host of its own watching for the stop."""
+    with own_queue() as run_queue, one_worker(tmp_path / "home", queue=run_queue) as running:
+        instance, _, worker = running
+        run = started(instance, launch(running, "slow_job_in_processes").run_id)
+        worker.process.kill()
+        worker.process.wait(10)
+        assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.RUNNING
+        assert instance.run_launcher.terminate(run.run_id)
+        assert poll_for_finished_run(instance, run.run_id, timeout=120).status == DagsterRunStatus.CANCELED
+
+
 def test_run_worker_refuses_an_instance_without_the_celery_launcher(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PG")} | {"DAGSTER_HOME": str(tmp_path)}
     (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())  # the warm launcher
@@ -322,6 +335,9 @@ def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, f
         with session_scope(app_url) as s:
             demo.seed(s)
         flow_id, node_ids = add_nodes(app_url, BURST)
+        # an agent (its multiprocess executor: a process of its own on the worker's machine)
+        math = lambda f: ("mathFunction", {"formula": f, "variables": []})  # noqa: E731
+        agent_flow = add_flow(app_url, {"x": math("1 + 2"), "y": math("3"), "z": math("4")}, [("x", "y"), ("x", "z")])
         env_extra = {"DAGSTER_PG_URL": dagster_url, "OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": f"{fake_llm.url}/v1",
                      "URL_MAIN_API": fake_main_api.url, "INTERNAL_API_KEY": fake_main_api.api_key}
         deployment = Deployment(tmp_path, app_url, env_extra)
@@ -340,6 +356,7 @@ def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, f
             with session_scope(app_url) as s:
                 ids = [queue.enqueue(s, kind="node", exec_id=str(uuid.uuid4()), flow_id=flow_id, node_id=node_id,
                                      user_id="user-1", session_id="celery").id for node_id in node_ids]
+            agent_id, _ = enqueue_agent(app_url, agent_flow)
             node_of = {str(i): n for i, n in zip(ids, node_ids)}
             burst_at = time.monotonic()
             print(f"\ndeployment and both workers up in {burst_at - t0:.0f} s")
@@ -353,7 +370,8 @@ def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, f
             doomed.process.wait(10)
             killed_at = time.monotonic()
             fake_llm.latency_s = 0.2
-            rows = wait_terminal(app_url, ids, timeout_s=420)
+            rows = wait_terminal(app_url, [*ids, agent_id], timeout_s=420)
+            agent_row = rows.pop(agent_id)
             print(f"killed {killed_at - burst_at:.0f} s into the burst; every execution terminal "
                   f"{time.monotonic() - killed_at:.0f} s later")
             runs = wait_for(lambda: (rs := dagster_runs(dagster)) and not any(r.status in IN_PROGRESS for r in rs) and rs,
@@ -386,7 +404,11 @@ def test_a_worker_host_killed_mid_burst_its_runs_finish_on_the_other(tmp_path, f
     assert ledger == {x: 1 for x in exec_ids}
     assert {x: len(k) for x, k in fake_main_api.keys_by_execution().items()} == {x: 1 for x in exec_ids}
     # one run per execution started by the sensor; every other run is a retry of a run cut short
-    assert sorted(r.pending_id for r in runs if r.parent_run_id is None) == sorted(str(i) for i in ids)
+    assert sorted(r.pending_id for r in runs if r.parent_run_id is None) == sorted(str(i) for i in [*ids, agent_id])
+    # the agent completed in a process of its own, on neither worker's threads
+    assert agent_row.status == "completed", agent_row.error
+    [agent_run] = [r for r in runs if r.pending_id == str(agent_id)]
+    assert agent_run.status == "SUCCESS" and agent_run.worker_pid not in (doomed.pid, survivor.pid)
     assert killed, "no run was cut short by the kill"
     by_parent = {r.parent_run_id: r for r in retries}
     for run in killed:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from bench.harness import BIN, REPO, Sampler, deployment
-from bench.run import Bench, pct
+from bench.run import Bench, pct, ts
 
 SEED_BATCH = 5000  # runs per transaction while seeding
 
@@ -157,12 +157,19 @@ def summary(values: list[float]) -> dict:
 
 def live(bench: Bench, rng: random.Random, go_on: Callable[[int], bool]) -> tuple[list[float], int]:
     """Sequential executions (a random gap of up to 2 s before each) while ``go_on(done)``;
-    returns their insert → COMPLETED latencies and how many failed or timed out."""
+    returns their insert → COMPLETED latencies (the row's own timestamps) and how many failed
+    or did not finish within 120 s."""
+    bench.llm.latency_s = 0.05
     latencies, failed, done = [], 0, 0
     while go_on(done):
-        out = bench.sequential(1, 0.05, 2.0, rng)
-        latencies += [s["to_completed"] for s in out["samples"]]
-        failed += out["failed_or_timed_out"]
+        time.sleep(rng.uniform(0, 2.0))
+        ids = bench.insert(1)
+        bench.wait(ids, 120, 0.05)
+        row = bench.rows(ids)[ids[0]]
+        if row.status == "completed":
+            latencies.append(ts(row.finished_at) - ts(row.created_at))
+        else:
+            failed += 1
         done += 1
     return latencies, failed
 

@@ -28,6 +28,7 @@ from temporalio.testing import ActivityEnvironment  # noqa: E402
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner  # noqa: E402
 
 from bench import temporal_peer as peer  # noqa: E402
+from bench.harness import in_flight_llm  # noqa: E402
 from flux_dagster import demo, queue  # noqa: E402
 from flux_dagster.db.engine import session_scope  # noqa: E402
 from flux_dagster.db.models import (  # noqa: E402
@@ -258,7 +259,7 @@ def test_measure_reports_every_figure_of_a_deployment(postgres_url, monkeypatch,
 
     _truncate(postgres_url)
     _seeded(postgres_url)
-    with peer._in_flight_llm(latency_s=0.05) as llm:
+    with in_flight_llm(latency_s=0.05) as llm:
         for name in ("URL_MAIN_API", "REDIS_URL", "FLUX_LLM_MODE", "FLUX_FILES_BUCKET"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("FLUX_DATABASE_URL", f"{postgres_url}?application_name={peer.APPLICATION_NAME}")

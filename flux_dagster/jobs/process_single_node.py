@@ -22,7 +22,11 @@ from flux_dagster.ops.sql_querier import sql_querier
 from flux_dagster.ops.text_generator import charge_tokens, text_generator, validate_model_access
 
 
-@job(executor_def=in_process_executor, hooks={node_execution_error},
+# Dagster's run retries (a dead run host) re-execute all steps: from failure would also run the
+# branches of the other node types whenever the run died before the executor had skipped them, and
+# those fail on the outputs their branch never produced. Nothing is done twice either way: a node
+# that completed is reused, with its charge (ops/guards.py).
+@job(executor_def=in_process_executor, hooks={node_execution_error}, tags={"dagster/retry_strategy": "ALL_STEPS"},
      description="One node execution (a pending_executions row of kind node): PENDING, read the node, "
                  "the branch of its type (the others show as skipped), logs, COMPLETED; on failure the "
                  "error path once. Started by pending_executions_sensor, one run per row.")

@@ -135,7 +135,9 @@ class Bench:
                 marks.setdefault("process", entry.timestamp)
             elif event.event_type == DagsterEventType.RUN_START:
                 marks.setdefault("run_start", entry.timestamp)
-        if len(marks) < 4:
+        # A run launched at once by the prompt coordinator is never queued: no RUN_ENQUEUED.
+        marks.setdefault("enqueued", marks.get("starting"))
+        if len(marks) < 4 or None in marks.values():
             return None
         inserted = ts(row.created_at)
         return {

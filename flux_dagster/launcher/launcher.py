@@ -71,8 +71,13 @@ class _Zygote:
         self._send(setup)
         with self._lock:
             if not self._reply_arrived.wait_for(lambda: self._ready is not None, ready_timeout_s):
+                # Given up: killed, so that it does not go on loading beside the next attempt's
+                # zygote (under CPU starvation several piled up, each slowing the next).
                 self.close()
-                raise DagsterLaunchFailedError(f"The run zygote did not load the code in {ready_timeout_s:.0f}s.")
+                self.process.kill()
+                raise DagsterLaunchFailedError(
+                    f"The run zygote did not load the code in {ready_timeout_s:.0f}s "
+                    f"(FLUX_ZYGOTE_START_TIMEOUT_S raises it).")
         if "error" in self._ready:
             raise DagsterLaunchFailedError(f"The run zygote could not load the code location:\n{self._ready['error']}")
 
@@ -145,7 +150,8 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         self._inst_data = inst_data
         self.preload_modules = list(preload_modules or [])
         self.pool_connections = pool_connections
-        self.start_timeout_seconds = start_timeout_seconds
+        # An operator raises it without rebuilding the image that holds dagster.yaml.
+        self.start_timeout_seconds = float(os.environ.get("FLUX_ZYGOTE_START_TIMEOUT_S") or start_timeout_seconds)
         self.cancel_poll_interval_seconds = cancel_poll_interval_seconds
         self.runs_per_host = runs_per_host
         self.host_processes = host_processes or os.cpu_count() or 1

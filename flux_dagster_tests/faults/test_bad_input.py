@@ -5,7 +5,6 @@ a user's server or database are not repeated."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest

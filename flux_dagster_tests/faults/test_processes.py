@@ -10,7 +10,7 @@ import time
 import pytest
 
 from flux_dagster_tests.deployment import marked_pids
-from flux_dagster_tests.faults.harness import FULL, Later, World
+from flux_dagster_tests.faults.harness import FULL, World
 from flux_dagster_tests.faults.test_dependencies import burst_through
 
 pytestmark = pytest.mark.faults

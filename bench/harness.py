@@ -330,3 +330,31 @@ def in_flight_llm(latency_s: float):
                     self.open -= 1
 
     return InFlightLlm(latency_s=latency_s)
+
+
+def insert_executions(app_url: str, n: int, node_id: str = "summarize") -> list[int]:
+    """``n`` rows of the demo flow's node in ``pending_executions``, as the main API inserts them
+    (ten users, so the sensor's per-user fairness is exercised); their ids."""
+    import uuid
+
+    from flux_dagster import demo
+    from flux_dagster.db.engine import session_scope
+    from flux_dagster.db.models import PendingExecution
+
+    with session_scope(app_url) as s:
+        rows = [PendingExecution(kind="node", exec_id=str(uuid.uuid4()), flow_id=demo.DEMO_FLOW, node_id=node_id,
+                                 user_id=f"bench-user-{i % 10}", session_id="bench") for i in range(n)]
+        s.add_all(rows)
+        s.flush()
+        return [r.id for r in rows]
+
+
+def execution_rows(app_url: str, ids: list[int]) -> dict:
+    """The ``pending_executions`` rows of ``ids``, by id."""
+    from sqlalchemy import select
+
+    from flux_dagster.db.engine import session_scope
+    from flux_dagster.db.models import PendingExecution
+
+    with session_scope(app_url) as s:
+        return {r.id: r for r in s.scalars(select(PendingExecution).where(PendingExecution.id.in_(ids)))}

@@ -32,12 +32,13 @@ import random
 import sys
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 
 import psutil
 
-from bench.harness import REPO, deployment, in_flight_llm, tree_cpu, tree_cpu_by_kind, tree_pss_mb
+from bench.harness import (
+    REPO, deployment, execution_rows, in_flight_llm, insert_executions, tree_cpu, tree_cpu_by_kind, tree_pss_mb,
+)
 
 TERMINAL = ("completed", "failed", "cancelled")
 LATENCIES = {"50ms": 0.05, "2s": 2.0, "10s": 10.0}
@@ -122,25 +123,10 @@ class Ours:
         self.dep, self.llm = dep, llm
 
     def insert(self, n: int) -> list[int]:
-        from flux_dagster import demo
-        from flux_dagster.db.engine import session_scope
-        from flux_dagster.db.models import PendingExecution
-
-        with session_scope(self.dep.app_url) as s:
-            rows = [PendingExecution(kind="node", exec_id=str(uuid.uuid4()), flow_id=demo.DEMO_FLOW, node_id="summarize",
-                                     user_id=f"bench-user-{i % 10}", session_id="bench") for i in range(n)]
-            s.add_all(rows)
-            s.flush()
-            return [r.id for r in rows]
+        return insert_executions(self.dep.app_url, n)
 
     def rows(self, ids: list[int]) -> list:
-        from sqlalchemy import select
-
-        from flux_dagster.db.engine import session_scope
-        from flux_dagster.db.models import PendingExecution
-
-        with session_scope(self.dep.app_url) as s:
-            return list(s.scalars(select(PendingExecution).where(PendingExecution.id.in_(ids))))
+        return list(execution_rows(self.dep.app_url, ids).values())
 
     def wait(self, ids: list[int], timeout_s: float, poll_s: float = 0.2) -> list:
         deadline = time.monotonic() + timeout_s

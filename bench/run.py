@@ -28,12 +28,13 @@ import shutil
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.harness import REPO, Sampler, deployment, postgres_roots, tree_cpu, tree_cpu_by_kind
+from bench.harness import (
+    REPO, Sampler, deployment, execution_rows, insert_executions, postgres_roots, tree_cpu, tree_cpu_by_kind,
+)
 
 TERMINAL = ("completed", "failed", "cancelled")
 NODE_ID = "summarize"  # demo commandTextNode on openai gpt-4o-mini
@@ -76,25 +77,10 @@ class Bench:
         self.postgres = postgres_roots() if pg else []
 
     def insert(self, n: int) -> list[int]:
-        from flux_dagster import demo
-        from flux_dagster.db.engine import session_scope
-        from flux_dagster.db.models import PendingExecution
-
-        with session_scope(self.dep.app_url) as s:
-            rows = [PendingExecution(kind="node", exec_id=str(uuid.uuid4()), flow_id=demo.DEMO_FLOW, node_id=NODE_ID,
-                                     user_id=f"bench-user-{i % 10}", session_id="bench") for i in range(n)]
-            s.add_all(rows)
-            s.flush()
-            return [r.id for r in rows]
+        return insert_executions(self.dep.app_url, n, NODE_ID)
 
     def rows(self, ids: list[int]):
-        from sqlalchemy import select
-
-        from flux_dagster.db.engine import session_scope
-        from flux_dagster.db.models import PendingExecution
-
-        with session_scope(self.dep.app_url) as s:
-            return {r.id: r for r in s.scalars(select(PendingExecution).where(PendingExecution.id.in_(ids)))}
+        return execution_rows(self.dep.app_url, ids)
 
     def count_terminal(self, ids: list[int]) -> int:
         from sqlalchemy import func, select

@@ -14,6 +14,7 @@ read) ends at its own timeout first. On the main thread (one run per process, as
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import threading
 import time
@@ -77,6 +78,33 @@ def interruptible() -> Iterator[None]:
             _inside.discard(ident)
 
 
+# The deadlines of blocks running on other threads, watched by one thread per process (not a
+# timer thread per op of every run).
+_deadlines: dict[object, tuple[float, int, Callable[[], BaseException]]] = {}
+_deadline_set = threading.Condition(_lock)
+_watcher_pid: int | None = None
+
+
+def _watch_deadlines() -> None:
+    """Start this process's deadline watcher if it has none (a forked child has none). Under ``_lock``."""
+    global _watcher_pid
+    if _watcher_pid != os.getpid():
+        _watcher_pid = os.getpid()
+        threading.Thread(target=_expire_deadlines, name="deadlines", daemon=True).start()
+
+
+def _expire_deadlines() -> None:
+    with _lock:
+        while True:
+            now = time.monotonic()
+            for token, (when, ident, make_error) in list(_deadlines.items()):
+                if when <= now:
+                    del _deadlines[token]
+                    _ask(ident, make_error())
+            nearest = min((when for when, _, _ in _deadlines.values()), default=None)
+            _deadline_set.wait(None if nearest is None else nearest - now)
+
+
 def sleep(seconds: float) -> None:
     """``time.sleep`` that a stop ends at once (a thread blocked in ``time.sleep`` would only see
     it when the sleep is over). On the main thread, plain ``time.sleep`` (SIGALRM ends it)."""
@@ -102,23 +130,16 @@ def raise_after(seconds: float, make_error: Callable[[], BaseException]) -> Iter
     Meant inside ``interruptible`` (other threads) and on the main thread (SIGALRM; a timer that
     was set before, e.g. a test runner's, is restored with its remaining time)."""
     if threading.current_thread() is not threading.main_thread():
-        ident = threading.get_ident()
-        running = [True]
-
-        def _expired_in_thread():
-            with _lock:  # under the lock the block ends with: no deadline is asked after it
-                if running[0]:
-                    _ask(ident, make_error())
-
-        timer = threading.Timer(seconds, _expired_in_thread)
-        timer.daemon = True
-        timer.start()
+        token = object()
+        with _lock:
+            _watch_deadlines()
+            _deadlines[token] = (time.monotonic() + seconds, threading.get_ident(), make_error)
+            _deadline_set.notify()
         try:
             yield
         finally:
-            with _lock:
-                running[0] = False
-            timer.cancel()
+            with _lock:  # under the lock the watcher asks with: no deadline is asked after the block
+                _deadlines.pop(token, None)
         return
 
     def _expired(signum, frame):

@@ -31,7 +31,7 @@ from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 
 from flux_dagster.launcher.celery_launcher import TASK_NAME, CeleryRunLauncher, celery_app
-from flux_dagster.launcher.run_host import HEARTBEAT_STALE_S, RunHost, run_worker_health
+from flux_dagster.launcher.run_host import HEARTBEAT_STALE_S, RunHost, needs_main_thread, run_worker_health
 from flux_dagster.launcher.worker_process import PID_TAG
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def not_to_execute(instance, run: DagsterRun | None) -> str | None:
     return None
 
 
-_executors: dict[str, str] = {}  # a job's code origin -> its executor's name
+_own_process: dict[str, bool] = {}  # a job's code origin -> needs_main_thread
 
 
 def _needs_own_process(run: DagsterRun) -> bool:
@@ -68,12 +68,12 @@ def _needs_own_process(run: DagsterRun) -> bool:
     from dagster._utils.hosted_user_process import recon_job_from_origin
 
     key = serialize_value(run.job_code_origin)
-    if key not in _executors:
+    if key not in _own_process:
         try:
-            _executors[key] = recon_job_from_origin(run.job_code_origin).get_definition().executor_def.name
+            _own_process[key] = needs_main_thread(recon_job_from_origin(run.job_code_origin).get_definition())
         except Exception:  # noqa: BLE001 - cannot load it here: the run's own execution reports why
             return False
-    return _executors[key] != "in_process"
+    return _own_process[key]
 
 
 def _execute_in_own_process(run_id: str) -> int:

@@ -62,7 +62,6 @@ class _Zygote:
         self._replies: dict[str, dict[str, Any]] = {}
         self._reply_arrived = threading.Condition(self._lock)
         self.exits: dict[str, int] = {}
-        self.live: dict[str, int] = {}
         self._ready: dict[str, Any] | None = None
         self._on_exit = on_exit
         self.instance_ref: str | None = None
@@ -93,9 +92,7 @@ class _Zygote:
                     self._ready = message
                 elif "started" in message:
                     self._replies[message["started"]] = message
-                    self.live[message["started"]] = message["pid"]
                 elif "exited" in message:
-                    self.live.pop(message["exited"], None)
                     self.exits[message["exited"]] = message["returncode"]
                     if len(self.exits) > KEEP_EXITS:  # the oldest first: monitoring is long done with them
                         del self.exits[next(iter(self.exits))]

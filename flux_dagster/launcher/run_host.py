@@ -46,6 +46,12 @@ def heartbeat_key(host: str, pid: int | str, start_ticks: int | str) -> str:
     return f"{HEARTBEAT_PREFIX}{host}:{pid}:{start_ticks}"
 
 
+def needs_main_thread(job_def) -> bool:
+    """A job whose executor starts step processes of its own (``process_agent``'s multiprocess
+    executor) stops them only on the main thread's interrupt: its run needs a process of its own."""
+    return job_def.executor_def.name != "in_process"
+
+
 def execute_run(instance, run_id: str) -> int:
     """What ``dagster api execute_run`` does for one run, on the calling thread. 0 when the run
     ended without an error in the run worker itself (its outcome is in the event log)."""

@@ -126,6 +126,7 @@ class Zygote:
         self.hosts: dict[int, _Host] = {}
         self.instance = None
         self.repository = None
+        self._exclusive_jobs: dict[str | None, bool] = {}
         self.setup: dict = {}
         self.selector = selectors.DefaultSelector()
         self._warned_threads = False
@@ -159,12 +160,16 @@ class Zygote:
         return self.setup.get(name) or default
 
     def _exclusive(self, job_name: str | None) -> bool:
-        """A run whose executor starts step processes of its own (``process_agent``) gets a host
-        of its own: that executor stops its steps on the main thread's interrupt only."""
-        try:
-            return self.repository.get_definition().get_job(job_name).executor_def.name != "in_process"
-        except Exception:  # noqa: BLE001 - unknown here: the run's own execution reports it
-            return True
+        """Whether the job's runs get a host of their own (``run_host.needs_main_thread``); asked
+        once per job."""
+        from flux_dagster.launcher.run_host import needs_main_thread
+
+        if job_name not in self._exclusive_jobs:
+            try:
+                self._exclusive_jobs[job_name] = needs_main_thread(self.repository.get_definition().get_job(job_name))
+            except Exception:  # noqa: BLE001 - unknown here: the run's own execution reports it
+                return True
+        return self._exclusive_jobs[job_name]
 
     def fork_host(self, exclusive: bool = False) -> _Host:
         if threading.active_count() > 1 and not self._warned_threads:

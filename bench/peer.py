@@ -161,14 +161,15 @@ def measure_ours(quick: bool) -> dict:
                 print("[ours] warming up", flush=True)
                 ours.wait(ours.insert(2), 180)
                 print("[ours] sequential, 50 ms LLM", flush=True)
-                rng, latencies = random.Random(12), []
+                rng, completed = random.Random(12), []
                 for _ in range(5 if quick else 12):
                     time.sleep(rng.uniform(0.5, 2.0))
                     (row,) = ours.wait(ours.insert(1), 60, poll_s=0.02)
                     if row.status == "completed":
-                        latencies.append(_ts(row.finished_at) - _ts(row.created_at))
-                out["sequential_p50_s"] = _p50(latencies)
-                out["sequential_completed"] = len(latencies)
+                        completed.append(row)
+                out["sequential_p50_s"] = _p50([_ts(r.finished_at) - _ts(r.created_at) for r in completed])
+                out["sequential_completed"] = len(completed)
+                out["sequential_phases_p50_s"] = sequential_phases(dep.env["DAGSTER_PG_URL"], completed)
                 time.sleep(3)
                 idle_pss = sampler.pss_now()
                 sampler.reset()
@@ -206,6 +207,34 @@ def measure_ours(quick: bool) -> dict:
             finally:
                 sampler.stop()
     return out
+
+
+def sequential_phases(dagster_url: str, rows: list) -> dict:
+    """Where an execution's insert → completed time goes, p50 of each phase: the row claimed by
+    the sensor, its run created by the daemon, the run started in a run host, the node's first op,
+    the node done (COMPLETED)."""
+    from sqlalchemy import create_engine, text
+
+    from flux_dagster.db.engine import normalize_url
+
+    engine = create_engine(normalize_url(dagster_url), poolclass=None)
+    with engine.connect() as conn:
+        runs = {r.run_id: r for r in conn.execute(
+            text("select run_id, create_timestamp, start_time from runs where run_id = any(:ids)"),
+            {"ids": [r.dagster_run_id for r in rows]})}
+    engine.dispose()
+    phases: dict[str, list[float]] = {"insert → claimed": [], "claimed → run created": [],
+                                      "run created → run started": [], "run started → first op": [],
+                                      "first op → completed": []}
+    for row in rows:
+        run = runs.get(row.dagster_run_id)
+        if run is None or run.start_time is None:
+            continue
+        marks = [_ts(row.created_at), _ts(row.launched_at), _ts(run.create_timestamp), run.start_time,
+                 _ts(row.started_at), _ts(row.finished_at)]
+        for name, (a, b) in zip(phases, zip(marks, marks[1:])):
+            phases[name].append(b - a)
+    return {name: round(_p50(values), 3) if values else None for name, values in phases.items()}
 
 
 def measure_peer(quick: bool) -> tuple[dict, str]:
@@ -294,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             "command": " ".join(sys.argv)}, indent=2, default=str))
     (results / f"peer-{stamp}.md").write_text(report + "\n")
     print(report)
+    print("flux-dagster sequential phases, p50 (s):", json.dumps(ours["sequential_phases_p50_s"]))
     print("flux-dagster CPU-s per execution by process:", json.dumps(ours["cpu_s_per_execution_by_kind"], indent=1))
 
 

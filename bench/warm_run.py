@@ -119,14 +119,18 @@ def report(args, app_url: str, databases: list[str]) -> None:
     cpu1, pg1, t1 = sum(me.cpu_times()[:2]), _backend_cpu(databases), time.perf_counter()
     n = args.runs
     status = instance.get_run_by_id(run_ids[-1]).status
-    events = collections.Counter(
-        (r.event_log_entry.dagster_event.event_type_value if r.event_log_entry.dagster_event else "log message")
-        for r in instance.get_records_for_run(run_ids[-1], limit=10_000).records
-    )
+    entries = [r.event_log_entry for r in instance.get_records_for_run(run_ids[-1], limit=10_000).records]
+    events = collections.Counter(e.dagster_event.event_type_value if e.dagster_event else "log message" for e in entries)
+    init_ms = []
+    for run_id in run_ids:
+        stamps = {r.event_log_entry.dagster_event.event_type_value: r.event_log_entry.timestamp
+                  for r in instance.get_records_for_run(run_id, limit=10_000).records if r.event_log_entry.dagster_event}
+        init_ms.append((stamps["RESOURCE_INIT_SUCCESS"] - stamps["RESOURCE_INIT_STARTED"]) * 1000)
     print(f"{n} runs of process_single_node ({args.node}), last run {status.value}")
     print(f"CPU-s per run: this process {(cpu1 - cpu0) / n:.3f}, Postgres backends {(pg1 - pg0) / n:.3f}, "
           f"total {(cpu1 - cpu0 + pg1 - pg0) / n:.3f}; wall {(t1 - t0) / n:.3f} s per run")
     print(f"SQL statements per run: {dict((k, round(v / n)) for k, v in statements.items())}")
+    print(f"resource initialisation, p50 over the runs: {sorted(init_ms)[len(init_ms) // 2]:.0f} ms")
     print(f"events in one run: {sum(events.values())}: {dict(events.most_common())}")
     instance.dispose()
 

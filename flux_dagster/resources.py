@@ -29,27 +29,30 @@ class AppDatabase(ConfigurableResource):
         return session_scope(self.url)
 
 
+# The app DB's URL is a plain field of the resources that need it, not a nested AppDatabase:
+# Dagster builds every resource of a run anew, and a nested one several times over (~40 ms a
+# run with them nested, bench/warm_run.py).
 class MainApiResource(ConfigurableResource):
     """``/worker/*`` over HTTP when ``URL_MAIN_API`` is set, else the same checks locally."""
 
-    database: AppDatabase
+    database_url: str
     url: str | None = None
     api_key: str | None = None
 
     def client(self) -> MainApi:
-        return MainApi(database_url=self.database.url, url=self.url, api_key=self.api_key)
+        return MainApi(database_url=self.database_url, url=self.url, api_key=self.api_key)
 
 
 class NotifierResource(ConfigurableResource):
     """Redis pub/sub when ``REDIS_URL`` is set, else the ``status_notifications`` table."""
 
-    database: AppDatabase
+    database_url: str
     redis_url: str | None = None
     channel: str = "room_status_updated"
     stream_channel: str = "node_output_stream"
 
     def client(self) -> Notifier:
-        return Notifier(database_url=self.database.url, redis_url=self.redis_url, channel=self.channel,
+        return Notifier(database_url=self.database_url, redis_url=self.redis_url, channel=self.channel,
                         stream_channel=self.stream_channel)
 
 
@@ -123,10 +126,10 @@ def build_resources() -> dict[str, ConfigurableResource]:
     return {
         "app_db": database,
         "main_api": MainApiResource(
-            database=database, url=settings.env("URL_MAIN_API"), api_key=_env("INTERNAL_API_KEY")
+            database_url=database.url, url=settings.env("URL_MAIN_API"), api_key=_env("INTERNAL_API_KEY")
         ),
         "notifier": NotifierResource(
-            database=database,
+            database_url=database.url,
             redis_url=_env("REDIS_URL"),
             channel=os.environ.get("FLUX_STATUS_CHANNEL", "room_status_updated"),
             stream_channel=os.environ.get("FLUX_STREAM_CHANNEL", "node_output_stream"),

@@ -115,9 +115,9 @@ def make_resources(app_db_url: str, *, llm_url: str | None = None, main_api=None
     )
     return {
         "app_db": database,
-        "main_api": MainApiResource(database=database, url=main_api.url if main_api else None,
+        "main_api": MainApiResource(database_url=database.url, url=main_api.url if main_api else None,
                                     api_key=main_api.api_key if main_api else None),
-        "notifier": NotifierResource(database=database, redis_url=redis_url),
+        "notifier": NotifierResource(database_url=database.url, redis_url=redis_url),
         "llm": llm,
         "file_store": FileStoreResource(local_root=tempfile.mkdtemp(prefix="flux-files-")),
         "script_runner": ScriptRunnerResource(mode="local"),

@@ -164,7 +164,7 @@ def test_purge_history_job_runs_on_the_instance(app_db_url, instance):
 
     database = AppDatabase(url=app_db_url)
     result = defs.get_job_def("purge_history").execute_in_process(
-        instance=instance, resources={"app_db": database, "notifier": NotifierResource(database=database)},
+        instance=instance, resources={"app_db": database, "notifier": NotifierResource(database_url=database.url)},
         run_config={"ops": {"purge_history_op": {"config": {"older_than_days": 0}}}},
     )
     assert result.success and result.output_for_node("purge_history_op")["runs"] == 0

@@ -56,3 +56,20 @@ def test_migrate_creates_only_our_own_tables(tmp_path):
     tables = set(inspect(create_engine(url)).get_table_names())
     assert set(OwnBase.metadata.tables) <= tables
     assert not tables & set(AppBase.metadata.tables)
+
+
+def test_resources_are_built_once_with_their_secrets_read_from_the_environment_and_kept_out_of_the_ui(monkeypatch):
+    from dagster import build_resources
+
+    from flux_dagster.resources import build_resources as flux_resources
+    from flux_dagster.resources import built_once
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-very-secret")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    definitions = built_once(flux_resources())
+    llm = definitions["llm"]
+    assert "sk-very-secret" not in llm.description and "OPENAI_API_KEY" in llm.description
+    assert "http://127.0.0.1:9/v1" in llm.description  # the settings that are not secrets are shown
+    with build_resources({"llm": llm}) as first, build_resources({"llm": llm}) as second:
+        assert first.llm is second.llm  # one object for every run, not one built per run
+        assert first.llm.openai_api_key == "sk-very-secret"

@@ -67,10 +67,9 @@ def pgbouncer(pool_mode: str = "session", pool_size: int = 60):
     """A pgbouncer in front of the machine's Postgres; yields its port.
 
     It saves Postgres a backend fork per connection (dagster-postgres opens one per storage call
-    outside pooled mode). Session mode keeps LISTEN/NOTIFY working (the webserver's live event
-    stream needs it); transaction mode also shares each server connection between clients, so the
-    server sees at most ``pool_size`` per database (psycopg2 prepares no statements, so nothing
-    is lost; docs/production.md)."""
+    outside pooled mode). Transaction mode also shares each server connection between clients, so
+    the server sees at most ``pool_size`` per database (psycopg2 prepares no statements, so
+    nothing is lost; docs/production.md)."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-pgbouncer-"))

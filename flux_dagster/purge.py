@@ -1,6 +1,6 @@
 """Bounded history: delete what is older than the retention window, in batches.
 
-Dagster keeps every run forever (it has no run retention), and each execution is a run with ~90
+Dagster keeps every run forever (it has no run retention), and each execution is a run with ~86
 events. ``purge_history`` deletes finished runs last updated before the cutoff with everything
 they leave behind, and this project's terminal queue rows and published notifications. Never the
 token ledger (the record of what was charged) nor the main API's tables.

@@ -167,6 +167,20 @@ def tree_cpu_by_kind(roots: list[psutil.Process]) -> dict[str, float]:
     return totals
 
 
+def postgres_backend_cpu(databases: list[str], seen: dict[int, float]) -> float:
+    """CPU-s of the Postgres backends serving ``databases``, live or gone: ``seen`` keeps each
+    backend's last reading between calls (a backend's command line names its database)."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.info["name"] == "postgres" and any(f" {db} " in cmdline for db in databases):
+                t = proc.cpu_times()
+                seen[proc.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return sum(seen.values())
+
+
 def postgres_roots() -> list[psutil.Process]:
     """The machine's postmaster (its backends are its children)."""
     roots = []

@@ -34,10 +34,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-import psutil
-
 from bench.harness import (
-    REPO, deployment, execution_rows, in_flight_llm, insert_executions, tree_cpu, tree_cpu_by_kind, tree_pss_mb,
+    REPO, deployment, execution_rows, in_flight_llm, insert_executions, postgres_backend_cpu, tree_cpu, tree_cpu_by_kind, tree_pss_mb,
 )
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -78,15 +76,7 @@ class PeakSampler:
     def postgres_cpu(self) -> float:
         """CPU-s of the Postgres backends serving the deployment's databases, live or gone (their
         last reading): the server's work for this deployment only, whatever else uses it."""
-        for proc in psutil.process_iter(["name", "cmdline"]):
-            try:
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                if proc.info["name"] == "postgres" and any(f" {db} " in cmdline for db in self.databases):
-                    t = proc.cpu_times()
-                    self._backend_cpu[proc.pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        return sum(self._backend_cpu.values())
+        return postgres_backend_cpu(self.databases, self._backend_cpu)
 
     def _run(self) -> None:
         from sqlalchemy import func, select, text

@@ -19,33 +19,12 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
 
-from bench.harness import REPO, in_flight_llm, pg_url, postgres_database
-
-
-def _backend_cpu(databases: list[str]) -> float:
-    """CPU-s of the live Postgres backends serving ``databases`` (this process keeps its
-    connections open, so its backends live as long as the bench)."""
-    from sqlalchemy import create_engine, text
-
-    from flux_dagster.db.engine import normalize_url
-
-    engine = create_engine(normalize_url(pg_url("postgres")), isolation_level="AUTOCOMMIT", poolclass=None)
-    with engine.connect() as conn:
-        pids = [row[0] for row in conn.execute(text("select pid from pg_stat_activity where datname = any(:d)"),
-                                               {"d": databases})]
-    engine.dispose()
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+from bench.harness import REPO, in_flight_llm, pg_url, postgres_backend_cpu, postgres_database
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +81,7 @@ def report(args, app_url: str, databases: list[str]) -> None:
                                 node_id=args.node, user_id="bench-user", session_id="bench")
             pending_id = row.id
         with session_scope(app_url) as session:
-            (claimed,) = [r for r in queue.claim_batch(session, 10, __import__("datetime").timedelta(seconds=60))
+            (claimed,) = [r for r in queue.claim_batch(session, 10, timedelta(seconds=60))
                           if r.id == pending_id]
             request = run_request_for(claimed, "commandTextNode")
         run = instance.create_run_for_job(job_def=job_def, run_config=request.run_config, tags=request.tags,
@@ -114,9 +93,10 @@ def report(args, app_url: str, databases: list[str]) -> None:
         one_run()
     me = psutil.Process()
     statements.clear()
-    cpu0, pg0, t0 = sum(me.cpu_times()[:2]), _backend_cpu(databases), time.perf_counter()
+    backends: dict[int, float] = {}
+    cpu0, pg0, t0 = sum(me.cpu_times()[:2]), postgres_backend_cpu(databases, backends), time.perf_counter()
     run_ids = [one_run() for _ in range(args.runs)]
-    cpu1, pg1, t1 = sum(me.cpu_times()[:2]), _backend_cpu(databases), time.perf_counter()
+    cpu1, pg1, t1 = sum(me.cpu_times()[:2]), postgres_backend_cpu(databases, backends), time.perf_counter()
     n = args.runs
     status = instance.get_run_by_id(run_ids[-1]).status
     entries = [r.event_log_entry for r in instance.get_records_for_run(run_ids[-1], limit=10_000).records]

@@ -31,8 +31,7 @@ class AppDatabase(ConfigurableResource):
 
 
 # The app DB's URL is a plain field of the resources that need it, not a nested AppDatabase:
-# Dagster builds every resource of a run anew, and a nested one several times over (~40 ms a
-# run with them nested, bench/warm_run.py).
+# built_once reads a resource's own EnvVar fields, not those of a resource nested in it.
 class MainApiResource(ConfigurableResource):
     """``/worker/*`` over HTTP when ``URL_MAIN_API`` is set, else the same checks locally."""
 

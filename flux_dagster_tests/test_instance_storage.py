@@ -1,4 +1,4 @@
-"""The Postgres storage of flux_dagster/instance_storage.py, on the machine's Postgres: the group-
+"""The Postgres storage of flux_dagster/postgres_storage.py, on the machine's Postgres: the group-
 commit event log keeps every event and each run's order whatever the threads do, sends no NOTIFY,
 commits step events without waiting for the WAL flush and run events with it; a failed write
 reaches every writer of its batch, a forked child gets a writer of its own; the run storage
@@ -13,7 +13,8 @@ import pytest
 from dagster._core.events.log import EventLogEntry
 from sqlalchemy import event as sa_event
 
-from flux_dagster.instance_storage import FluxPostgresStorage, _GroupWriter, postgres_url_from_env
+from flux_dagster.instance_storage import postgres_url_from_env
+from flux_dagster.postgres_storage import FluxPostgresStorage, _GroupWriter
 from flux_dagster_tests.deployment import postgres_database
 
 
